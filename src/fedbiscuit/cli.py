@@ -1,0 +1,166 @@
+"""The `fedbiscuit` command: run, data, eval. Thin: parse, call the pipeline, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, load_config
+from .data.pairs import DataError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated RLHF with aggregated client preferences."
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 data.root=../shared/data")
+_QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _load(config: Path, overrides: list[str] | None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _guard(fn):
+    """Known input problems end with their message, not a traceback."""
+    from .models.adapters import AdapterMismatchError
+    from .models.loading import ModelLoadError
+    from .selector.prompts import TemplateError
+
+    try:
+        return fn()
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        AdapterMismatchError,
+        TemplateError,
+        FileNotFoundError,
+    ) as err:
+        _fail(str(err))
+
+
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def _agreement_table(title: str, reports: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    table.add_column("client")
+    table.add_column("pairs", justify="right")
+    for stage in reports:
+        table.add_column(f"{stage}: agree", justify="right")
+        table.add_column("A|B / B|A", justify="right")
+        table.add_column("Brier", justify="right")
+    first = next(iter(reports.values()))
+    for name in [*first["clients"], "overall"]:
+        row = [name, str((first["overall"] if name == "overall" else first["clients"][name])["n"])]
+        for rep in reports.values():
+            r = rep["overall"] if name == "overall" else rep["clients"][name]
+            row += [
+                _pct(r["agreement"]),
+                f"{_pct(r.get('agreement_ab'))} / {_pct(r.get('agreement_ba'))}",
+                f"{r['brier']:.3f}",
+            ]
+        table.add_row(*row, style="bold" if name == "overall" else None)
+    return table
+
+
+@app.command()
+def run(config: Path, overrides: list[str] | None = _OVERRIDES, quiet: bool = _QUIET) -> None:
+    """Run the pipeline the config describes; writes runs/<name>/."""
+    from .pipeline import run as run_pipeline
+
+    cfg = _load(config, overrides)
+    console.print(
+        f"run [bold]{cfg.name}[/]: pipeline={cfg.pipeline}, model={cfg.model.name_or_path}, "
+        f"data={cfg.data.source} -> {cfg.run_dir}"
+    )
+    results = _guard(lambda: run_pipeline(cfg, quiet=quiet))
+    stages = {k: results[k] for k in ("before", "after") if k in results}
+    console.print(_agreement_table("selector agreement with human labels (evaluation split)", stages))
+    t = results["train"]
+    console.print(
+        f"trained {t['steps']} steps in {t['seconds']:.0f} s (final train loss {t['loss']:.4f}). "
+        "'agree' averages both presentation orders; 'A|B / B|A' is each order alone, so a gap between them is "
+        "position bias. 50% is chance.\n"
+        f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, run.log), selector: {results['checkpoint']}"
+    )
+
+
+@app.command()
+def data(config: Path, overrides: list[str] | None = _OVERRIDES) -> None:
+    """Print the clients the config's data yields, their sizes, and every dropped row by reason."""
+    from .data import prepare_data
+
+    cfg = _load(config, overrides)
+    fed = _guard(lambda: prepare_data(cfg.data, seed=cfg.seed))
+    table = Table(title=f"{cfg.data.source} clients (partition: {cfg.data.partition.method})")
+    for col in ("client", "train", "held-out", cfg.data.eval_split or "eval"):
+        table.add_column(col, justify="left" if col == "client" else "right")
+    for name, c in fed.clients.items():
+        table.add_row(name, str(len(c.train)), str(len(c.heldout)), str(len(c.test)))
+    for name, pairs in fed.eval_only.items():
+        table.add_row(name, "0", "0", str(len(pairs)))
+    table.add_row(
+        "total",
+        str(sum(len(c.train) for c in fed.clients.values())),
+        str(sum(len(c.heldout) for c in fed.clients.values())),
+        str(sum(len(p) for p in fed.all_test().values())),
+        style="bold",
+    )
+    console.print(table)
+    for label, rep in ((cfg.data.train_split, fed.report), (cfg.data.eval_split, fed.eval_report)):
+        if rep is None:
+            continue
+        kept = sum(rep.kept.values())
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(rep.dropped.items())) or "none"
+        console.print(f"[bold]{label}[/]: kept {kept} pairs; dropped {sum(rep.dropped.values())} ({dropped})")
+        for note in rep.notes:
+            console.print(f"  note: {note}")
+
+
+@app.command("eval")
+def eval_(
+    config: Path,
+    overrides: list[str] | None = _OVERRIDES,
+    checkpoint: Path | None = typer.Option(
+        None, help="adapter file; default: the run's checkpoints/selector.safetensors"
+    ),
+    quiet: bool = _QUIET,
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Evaluate a saved selector's agreement with human labels on the config's evaluation split."""
+    from .pipeline import evaluate_checkpoint
+
+    cfg = _load(config, overrides)
+    report = _guard(lambda: evaluate_checkpoint(cfg, checkpoint, quiet=quiet))
+    if json_out:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        console.print(_agreement_table(f"agreement of {report['checkpoint']}", {"selector": report}))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

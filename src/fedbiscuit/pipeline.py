@@ -1,0 +1,151 @@
+"""Runs the stages a config names and owns the run folder. Today: one selector trained centrally."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import FederatedData, prepare_data
+from .models.adapters import (
+    adapter_state,
+    add_adapter,
+    load_adapter_state,
+    lora_metadata,
+    read_adapter,
+    save_adapter,
+)
+from .models.loading import load_model
+from .runs import RunDir, seed_everything
+from .selector import build_encoder
+from .selector.metrics import agreement_report
+from .selector.training import planned_steps, score_pairs, train_selector
+
+log = logging.getLogger(__name__)
+SELECTOR = "selector"
+
+
+@dataclass
+class Workspace:
+    """What every stage shares: the config, the data, one base model with its adapters, the pair encoder."""
+
+    cfg: RunConfig
+    data: FederatedData
+    model: object
+    tokenizer: object
+    encoder: object
+    choice_ids: tuple[int, int]
+    quiet: bool = False
+
+
+def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg.data, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model = add_adapter(model, SELECTOR, cfg.model.lora, seed=cfg.seed)
+    encoder, choice_ids = build_encoder(tokenizer, cfg.selector, cfg.data.source)
+    return Workspace(cfg, data, model, tokenizer, encoder, choice_ids, quiet)
+
+
+def evaluate(ws: Workspace, stage: str) -> dict:
+    """Agreement with the human labels of the evaluation split, per client and overall."""
+    tests = ws.data.all_test()
+    pairs = ws.encoder.encode([p for members in tests.values() for p in members])
+    if not pairs:
+        raise ValueError("no evaluation pairs: set data.eval_split to a split that has data")
+    both = ws.cfg.eval.swap_average
+    bar = tqdm(total=len(pairs), desc=f"eval ({stage})", unit="pair", disable=ws.quiet, leave=False)
+    start = time.perf_counter()
+    p_ab, p_ba = score_pairs(
+        ws.model,
+        ws.encoder,
+        pairs,
+        ws.choice_ids,
+        ws.cfg.eval.batch_size,
+        both_orders=both,
+        progress=bar.update,
+    )
+    bar.close()
+    report = agreement_report(pairs, p_ab, p_ba)
+    report["seconds"] = time.perf_counter() - start
+    report["stage"] = stage
+    return report
+
+
+def run_centralized(cfg: RunConfig, quiet: bool = False) -> dict:
+    run = RunDir(cfg)
+    try:
+        ws = open_workspace(cfg, quiet)
+        run.log(
+            {
+                "event": "data",
+                "clients": {n: len(c.train) for n, c in ws.data.clients.items()},
+                "dropped": dict(ws.data.report.dropped),
+                "notes": ws.data.report.notes,
+            }
+        )
+        results = {}
+        if cfg.eval.before_training:
+            results["before"] = evaluate(ws, "before")
+            run.log({"event": "eval", **results["before"]})
+        train_pairs = ws.encoder.encode(ws.data.all_train())
+        total = planned_steps(cfg.train, len(train_pairs))
+        bar = tqdm(total=total, desc="train selector", unit="step", disable=quiet)
+
+        def progress(step, total, loss):
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+
+        result = train_selector(
+            ws.model, ws.encoder, train_pairs, cfg.train, ws.choice_ids, seed=cfg.seed, progress=progress
+        )
+        bar.close()
+        for h in result.history:
+            run.log({"event": "train", **h})
+        run.log(
+            {
+                "event": "train_done",
+                "steps": result.steps,
+                "loss": result.loss,
+                "accuracy": result.accuracy,
+                "samples": result.samples,
+                "seconds": result.seconds,
+                "truncated": dict(ws.encoder.truncated),
+            }
+        )
+        ckpt = run.checkpoints / f"{SELECTOR}.safetensors"
+        save_adapter(adapter_state(ws.model, SELECTOR), ckpt, lora_metadata(cfg.model.lora))
+        results["after"] = evaluate(ws, "after")
+        run.log({"event": "eval", **results["after"]})
+        results["train"] = {
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+        }
+        results["checkpoint"] = str(ckpt)
+        results["run_dir"] = str(run.path)
+        return results
+    finally:
+        run.close()
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path | None, quiet: bool = False) -> dict:
+    """Agreement of a saved selector (default: the run's own checkpoint) on the config's evaluation split."""
+    ckpt = Path(checkpoint) if checkpoint else cfg.run_dir / "checkpoints" / f"{SELECTOR}.safetensors"
+    state, _ = read_adapter(ckpt)
+    ws = open_workspace(cfg, quiet)
+    load_adapter_state(ws.model, SELECTOR, state, where=str(ckpt))
+    report = evaluate(ws, "checkpoint")
+    report["checkpoint"] = str(ckpt)
+    return report
+
+
+def run(cfg: RunConfig, quiet: bool = False) -> dict:
+    if cfg.pipeline == "centralized":
+        return run_centralized(cfg, quiet)
+    raise ValueError(f"unknown pipeline {cfg.pipeline!r}")

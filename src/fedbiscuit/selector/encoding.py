@@ -1,0 +1,103 @@
+"""Pairs as token ids, tokenised once; both presentation orders assembled from the same ids.
+
+When a sequence is too long the context loses its oldest tokens first (the end of a dialogue matters most),
+and the responses are cut only when they alone do not fit, evenly, so both stay visible. Both are counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..data.pairs import Comparison
+from .prompts import Template
+
+
+@dataclass(slots=True)
+class EncodedPair:
+    prompt: list[int]
+    a: list[int]
+    b: list[int]
+    label: float  # P(a is better)
+    client: str
+
+
+class PairEncoder:
+    def __init__(self, tokenizer, template: Template, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = tokenizer(list(template.pieces), add_special_tokens=False).input_ids
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        self.pieces = (bos + ids[0], ids[1], ids[2], ids[3])
+        fixed = sum(len(p) for p in self.pieces)
+        if fixed + 2 > max_length:
+            raise ValueError(
+                f"selector.max_length={max_length} is shorter than the template itself ({fixed} tokens)"
+            )
+        self.truncated = Counter()
+
+    def encode(self, pairs: list[Comparison]) -> list[EncodedPair]:
+        """Tokenise every text once (batched, fast tokenizer) and fit each pair into ``max_length``.
+
+        Truncation happens here, once per pair, so it is the same in both orders and counted once.
+        """
+        if not pairs:
+            return []
+        tok = self.tokenizer
+        prompts = tok([p.prompt for p in pairs], add_special_tokens=False).input_ids
+        a = tok([p.response_a for p in pairs], add_special_tokens=False).input_ids
+        b = tok([p.response_b for p in pairs], add_special_tokens=False).input_ids
+        return [
+            EncodedPair(*self._fit(pr, x, y), p.label, p.client)
+            for pr, x, y, p in zip(prompts, a, b, pairs, strict=True)
+        ]
+
+    def _fit(self, prompt: list[int], a: list[int], b: list[int]) -> tuple[list[int], list[int], list[int]]:
+        room = self.max_length - sum(len(p) for p in self.pieces)
+        if len(prompt) + len(a) + len(b) <= room:
+            return prompt, a, b
+        self.truncated["context"] += 1
+        keep = max(0, room - len(a) - len(b))
+        prompt = prompt[len(prompt) - keep :] if keep else []
+        if len(a) + len(b) > room:
+            self.truncated["responses"] += 1
+            # each response keeps at least half the room; a short one leaves its unused share to the other
+            a_len = min(len(a), max(room // 2, room - len(b)))
+            a, b = a[:a_len], b[: room - a_len]
+        return prompt, a, b
+
+    def sequence(self, pair: EncodedPair, swap: bool) -> list[int]:
+        first, second = (pair.b, pair.a) if swap else (pair.a, pair.b)
+        p0, p1, p2, p3 = self.pieces
+        return p0 + pair.prompt + p1 + first + p2 + second + p3
+
+    def batch(self, pairs: list[EncodedPair], both_orders: bool, device=None):
+        """(input_ids, attention_mask, target) right-padded; target = P(first shown is better).
+
+        With ``both_orders`` the batch holds every pair as (a, b) and then as (b, a).
+        """
+        seqs, targets = [], []
+        for swap in (False, True) if both_orders else (False,):
+            for p in pairs:
+                seqs.append(self.sequence(p, swap))
+                targets.append(1.0 - p.label if swap else p.label)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        target = torch.tensor(targets, dtype=torch.float32)
+        if device is not None:
+            ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+        return ids, mask, target
+
+
+def _adds_bos(tokenizer) -> bool:
+    # Llama-style tokenizers prepend BOS when adding special tokens; SmolLM2's does not. Ask rather than guess.
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]

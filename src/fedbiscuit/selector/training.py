@@ -1,0 +1,156 @@
+"""Local training of a binary selector: 2-way cross-entropy over the answer logits, every pair in both orders."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from .encoding import EncodedPair, PairEncoder
+from .scoring import choice_logits
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss: float  # mean over the optimizer steps
+    accuracy: float  # over all sequences seen (both orders), ties excluded
+    samples: int  # pairs seen (each counted once, though shown twice)
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def choice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against P(first shown is better); soft targets allowed."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(target * logp[:, 0] + (1.0 - target) * logp[:, 1]).mean()
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: add a LoRA adapter and make it active first")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def planned_steps(cfg: TrainConfig, num_pairs: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * num_pairs / per_step))
+
+
+def _batches(num: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled micro-batches of indices; a new permutation per epoch, reproducible from the generator."""
+    while True:
+        order = torch.randperm(num, generator=generator).tolist()
+        for i in range(0, num, batch_size):
+            yield order[i : i + batch_size]
+
+
+def train_selector(
+    model,
+    encoder: PairEncoder,
+    pairs: list[EncodedPair],
+    cfg: TrainConfig,
+    choice_ids: tuple[int, int],
+    *,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    steps: int | None = None,
+    progress=None,
+) -> TrainResult:
+    """Train the active adapter for ``steps`` (default: from the config) optimizer steps.
+
+    ``progress`` is called as progress(step, total, loss) after each step (the CLI hangs a progress bar on it).
+    """
+    if not pairs:
+        raise ValueError("no training pairs")
+    total = steps if steps is not None else planned_steps(cfg, len(pairs))
+    optimizer = optimizer or make_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(len(pairs), cfg.batch_size, generator)
+    was_training = model.training
+    model.train()
+    start = time.perf_counter()
+    losses, correct, counted, seen, history = [], 0, 0, 0, []
+    try:
+        for step in range(1, total + 1):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                idx = next(batches)
+                ids, mask, target = encoder.batch([pairs[i] for i in idx], both_orders=True, device=device)
+                logits = choice_logits(model, ids, mask, choice_ids)
+                loss = choice_loss(logits, target)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                with torch.no_grad():
+                    decided = target != 0.5
+                    pred = logits[:, 0] > logits[:, 1]
+                    correct += int((pred == (target > 0.5))[decided].sum())
+                    counted += int(decided.sum())
+                seen += len(idx)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"selector loss became {step_loss} at step {step}; lower train.lr")
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(step_loss)
+            if step % cfg.log_every == 0 or step == total:
+                history.append(
+                    {"step": step, "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :])}
+                )
+            if progress is not None:
+                progress(step, total, step_loss)
+    finally:
+        model.train(was_training)
+    return TrainResult(
+        steps=total,
+        loss=sum(losses) / len(losses),
+        accuracy=correct / counted if counted else float("nan"),
+        samples=seen,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
+
+
+@torch.no_grad()
+def score_pairs(
+    model,
+    encoder: PairEncoder,
+    pairs: list[EncodedPair],
+    choice_ids: tuple[int, int],
+    batch_size: int = 16,
+    both_orders: bool = True,
+    progress=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """P(a better) as shown (a, b), and, with ``both_orders``, P(b better) as shown (b, a), per pair.
+
+    Pairs are scored in order of length so batches carry little padding; results come back in input order.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].a) + len(pairs[i].b))
+    p_ab = torch.empty(len(pairs))
+    p_ba = torch.empty(len(pairs)) if both_orders else None
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask, _ = encoder.batch([pairs[i] for i in idx], both_orders=both_orders, device=device)
+            prob_first = torch.softmax(choice_logits(model, ids, mask, choice_ids), dim=-1)[:, 0].cpu()
+            p_ab[idx] = prob_first[: len(idx)]
+            if both_orders:
+                p_ba[idx] = prob_first[len(idx) :]
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    return p_ab, p_ba

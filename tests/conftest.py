@@ -1,0 +1,48 @@
+"""Shared fixtures: the real data folder (beside the project), tiny models, upstream-format fixture writers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("FEDBISCUIT_DATA_DIR")
+    path = Path(env) if env else ROOT.parent / "shared" / "data"
+    return path if (path / "hh-rlhf").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real preference data; absent in CI is a failure, not a skip (the tests would silently vanish)."""
+    path = shared_data_dir()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                "real data not found: expected ../shared/data beside the project or FEDBISCUIT_DATA_DIR"
+            )
+        pytest.skip("real data not available (set FEDBISCUIT_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    # Tests must not pick up the developer's data dir or cache by accident; real-data tests pass paths explicitly.
+    monkeypatch.delenv("FEDBISCUIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer): a fresh tiny random Llama for each test."""
+    from fedbiscuit.models.tiny import tiny_model
+
+    return tiny_model(seed=0)
+
+
+def smollm_enabled() -> bool:
+    return os.environ.get("FEDBISCUIT_TEST_SMOLLM") == "1"

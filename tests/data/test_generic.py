@@ -1,0 +1,99 @@
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fedbiscuit.config import ColumnMap, GenericData
+from fedbiscuit.data import DataError, prepare_data
+from fedbiscuit.data.sources import generic
+from tests.fixtures import write_jsonl
+
+AB = ColumnMap(response_a="response_a", response_b="response_b", preference="preference", client="annotator")
+
+
+def _ab_rows():
+    return [
+        {
+            "prompt": "p1",
+            "response_a": "x",
+            "response_b": "y",
+            "preference": "a-is-better",
+            "annotator": "u1",
+        },
+        {
+            "prompt": "p2",
+            "response_a": "x",
+            "response_b": "y",
+            "preference": "b-is-slightly-better",
+            "annotator": "u2",
+        },
+        {"prompt": "p3", "response_a": "x", "response_b": "y", "preference": "tie", "annotator": "u2"},
+    ]
+
+
+def test_ab_layout_ties_dropped_or_soft(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", _ab_rows())
+    pairs, report = generic.load(GenericData(root=str(tmp_path), columns=AB), "train")
+    assert [(p.label, p.client) for p in pairs] == [(1.0, "u1"), (0.0, "u2")]
+    assert report.dropped == {"tie": 1}
+    pairs, report = generic.load(GenericData(root=str(tmp_path), columns=AB, ties="soft"), "train")
+    assert [p.label for p in pairs] == [1.0, 0.0, 0.5] and not report.dropped
+    assert pairs[2].hard_label is None
+
+
+def test_unknown_preference_value_is_named(tmp_path):
+    rows = _ab_rows()
+    rows[1]["preference"] = "a-is-much-better"
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 2, field 'preference': preference value 'a-is-much-better'"):
+        generic.load(GenericData(root=str(tmp_path), columns=AB), "train")
+
+
+def test_csv_and_parquet_with_chosen_rejected_and_soft_label(tmp_path):
+    rows = [
+        {"q": "p1", "good": "g", "bad": "b", "p": 0.8, "who": "c1"},
+        {"q": "p2", "good": "g2", "bad": "b2", "p": 0.6, "who": "c2"},
+    ]
+    cols = ColumnMap(prompt="q", chosen="good", rejected="bad", soft_label="p", client="who")
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    for fmt in ("csv", "parquet"):
+        pairs, _ = generic.load(GenericData(root=str(tmp_path), format=fmt, columns=cols), "train")
+        assert [(p.prompt, p.response_a, p.label, p.client) for p in pairs] == [
+            ("p1", "g", 0.8, "c1"),
+            ("p2", "g2", 0.6, "c2"),
+        ]
+
+
+def test_bad_soft_label_and_missing_column(tmp_path):
+    cols = ColumnMap(chosen="chosen", rejected="rejected", soft_label="p")
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "p": 1.7}])
+    with pytest.raises(DataError, match=r"field 'p'.*\[0, 1\]"):
+        generic.load(GenericData(root=str(tmp_path), columns=cols), "train")
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"train.jsonl, line 1, field 'rejected'"):
+        generic.load(GenericData(root=str(tmp_path)), "train")
+
+
+def test_column_layout_must_be_one():
+    with pytest.raises(ValueError, match="exactly one layout"):
+        ColumnMap(chosen="c", rejected="r", response_a="a", response_b="b", preference="p")
+
+
+def test_real_tulu_human_eval_by_annotator(real_data):
+    root = real_data / "tulu-human-eval"
+    raw = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines() if line.strip()]
+    cfg = GenericData(root=str(root), columns=AB, heldout_fraction=0.0)
+    fed = prepare_data(cfg)
+    assert len(fed.clients) == 16  # the README: 16 annotators
+    ties = sum(r["preference"] == "tie" and r["response_a"].strip() != r["response_b"].strip() for r in raw)
+    assert fed.report.dropped["tie"] == ties
+    assert sum(len(c.train) for c in fed.clients.values()) + sum(fed.report.dropped.values()) == len(raw)
+    soft = prepare_data(GenericData(root=str(root), columns=AB, heldout_fraction=0.0, ties="soft"))
+    assert sum(p.label == 0.5 for c in soft.clients.values() for p in c.train) > 0
+    assert all(c.test for c in fed.clients.values() if len(c.train) > 20)

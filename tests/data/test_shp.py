@@ -1,0 +1,58 @@
+import pytest
+
+from fedbiscuit.config import PartitionConfig, SHPData
+from fedbiscuit.data import DataError, prepare_data
+from fedbiscuit.data.sources import shp
+from tests.fixtures import shp_row, write_jsonl
+
+
+def test_labels_one_means_a_is_preferred(tmp_path):
+    # Pins the direction from the SHP card ("1 if A is preferred to B"); the reference code has it backwards.
+    write_jsonl(
+        tmp_path / "askculinary" / "train.json",
+        [
+            shp_row("How do I sear?", "Hot pan, dry meat.", "Just wing it.", 1, "askculinary_train", "p1"),
+            shp_row("Salt pasta water?", "No.", "Yes, generously.", 0, "askculinary_train", "p2"),
+        ],
+    )
+    pairs, _ = shp.load(SHPData(root=str(tmp_path)), "train")
+    assert pairs[0].label == 1.0 and pairs[0].response_a == "Hot pan, dry meat."
+    assert pairs[0].hard_label == 1
+    assert pairs[1].label == 0.0 and pairs[1].hard_label == 0
+    assert {p.client for p in pairs} == {"askculinary"}
+
+
+def test_dirichlet_over_domains_keeps_every_pair(tmp_path):
+    for d, dom in enumerate(["askculinary", "askphysics", "legaladvice"]):
+        write_jsonl(
+            tmp_path / dom / "train.json",
+            [shp_row(f"{dom} q{i}", f"a{i}", f"b{i}", i % 2, dom, f"{d}-{i}") for i in range(30)],
+        )
+    cfg = SHPData(
+        root=str(tmp_path),
+        eval_split=None,
+        heldout_fraction=0.0,
+        partition=PartitionConfig(method="dirichlet", num_clients=6, alpha=0.3),
+    )
+    fed = prepare_data(cfg, seed=1)
+    assert len(fed.clients) == 6
+    assert sum(len(c.train) for c in fed.clients.values()) == 90
+    uids = [p.uid for c in fed.clients.values() for p in c.train]
+    assert len(set(uids)) == 90  # disjoint
+    # alpha=0.3 makes clients skewed: some client is dominated by one domain
+    shares = [
+        max(sum(p.client == d for p in c.train) for d in ("askculinary", "askphysics", "legaladvice"))
+        / len(c.train)
+        for c in fed.clients.values()
+    ]
+    assert max(shares) > 0.6
+    again = prepare_data(cfg, seed=1)
+    assert {n: [p.uid for p in c.train] for n, c in again.clients.items()} == {
+        n: [p.uid for p in c.train] for n, c in fed.clients.items()
+    }
+
+
+def test_bad_label_is_named(tmp_path):
+    write_jsonl(tmp_path / "askphysics" / "train.json", [shp_row("q", "a", "b", 5, "askphysics")])
+    with pytest.raises(DataError, match="field 'labels'"):
+        shp.load(SHPData(root=str(tmp_path)), "train")

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from fedbiscuit.selector.encoding import EncodedPair
+from fedbiscuit.selector.metrics import agreement_report
+
+
+def _pairs(labels, clients):
+    return [EncodedPair([], [], [], lab, c) for lab, c in zip(labels, clients, strict=True)]
+
+
+def test_agreement_per_order_averaged_and_brier():
+    pairs = _pairs([1.0, 1.0, 0.0, 0.5], ["x", "x", "y", "y"])
+    p_ab = torch.tensor([0.9, 0.6, 0.7, 0.5])  # P(a better) shown (a, b)
+    p_ba = torch.tensor([0.2, 0.7, 0.6, 0.5])  # P(b better) shown (b, a)
+    rep = agreement_report(pairs, p_ab, p_ba)
+    o = rep["overall"]
+    assert o["n"] == 3  # the tie has no hard label
+    assert o["agreement_ab"] == pytest.approx(2 / 3)  # 0.9 ok, 0.6 ok, 0.7 wrong
+    assert o["agreement_ba"] == pytest.approx(2 / 3)  # 1-p_ba = 0.8 ok, 0.3 wrong, 0.4 ok
+    avg = torch.tensor([0.85, 0.45, 0.55, 0.5])
+    assert o["agreement"] == pytest.approx(1 / 3)
+    assert o["brier"] == pytest.approx(float(((avg - torch.tensor([1.0, 1.0, 0.0, 0.5])) ** 2).mean()))
+    assert o["position_bias"] == pytest.approx(float(((p_ab + p_ba) / 2 - 0.5).mean()))
+    assert rep["clients"]["x"]["agreement"] == pytest.approx(0.5)
+    assert rep["clients"]["y"]["n"] == 1 and rep["clients"]["y"]["agreement"] == 0.0
+
+
+def test_single_order_report():
+    rep = agreement_report(_pairs([1.0, 0.0], ["x", "x"]), torch.tensor([0.8, 0.4]), None)
+    assert rep["overall"]["agreement"] == 1.0 and "agreement_ba" not in rep["overall"]

@@ -1,0 +1,95 @@
+"""The command line end to end, on fixture data in the upstream HH layout and the tiny model."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedbiscuit.cli import app
+from tests.fixtures import hh_row, write_hh
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def hh_root(tmp_path):
+    root = tmp_path / "data" / "hh-rlhf"
+    for subset, good in (
+        ("harmless-base", "I can't help with that."),
+        ("helpful-base", "Sure, here is how."),
+    ):
+        bad = "Sure, here is how." if good.startswith("I can't") else "I can't help with that."
+        for split, n in (("train", 24), ("test", 8)):
+            rows = [hh_row(f"{subset} {split} question {i}?", good, bad) for i in range(n)]
+            write_hh(root, subset, split, [*rows, hh_row("dup", "same", "same")])
+    return root.parent
+
+
+@pytest.fixture
+def config(tmp_path, hh_root):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-run",
+                "output_dir": str(tmp_path / "runs"),
+                "data": {
+                    "source": "hh_rlhf",
+                    "root": str(hh_root),
+                    "subsets": ["harmless-base", "helpful-base"],
+                },
+                "model": {
+                    "name_or_path": "tiny",
+                    "device": "cpu",
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                },
+                "train": {"lr": 1e-3, "steps": 4, "batch_size": 4, "log_every": 2},
+            }
+        )
+    )
+    return path
+
+
+def test_data_lists_clients_and_drops(config):
+    result = runner.invoke(app, ["data", str(config)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "harmless-base" in result.output and "helpful-base" in result.output
+    assert "identical responses: 2" in result.output  # one per subset in train
+    assert "kept 48 pairs" in result.output
+
+
+def test_run_writes_the_run_folder_and_eval_reproduces_it(config, tmp_path):
+    result = runner.invoke(app, ["run", str(config), "train.steps=3", "--quiet"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny-run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 3 and resolved["model"]["name_or_path"] == "tiny"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["data", "eval"] and kinds[-1] == "eval" and "train_done" in kinds
+    after = events[-1]
+    assert set(after["clients"]) == {"harmless-base", "helpful-base"} and after["overall"]["n"] == 16
+    assert (run / "checkpoints" / "selector.safetensors").is_file() and (run / "run.log").is_file()
+
+    result = runner.invoke(app, ["eval", str(config), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["overall"]["agreement"] == pytest.approx(after["overall"]["agreement"])
+    assert report["overall"]["brier"] == pytest.approx(after["overall"]["brier"], abs=1e-6)
+
+
+def test_bad_override_is_a_clear_error(config):
+    result = runner.invoke(app, ["run", str(config), "train.lrr=1"])
+    assert result.exit_code == 2
+    assert "train.lrr" in result.output and "Traceback" not in result.output
+
+
+def test_missing_data_is_a_clear_error(config, tmp_path):
+    result = runner.invoke(app, ["data", str(config), f"data.root={tmp_path / 'nowhere'}"])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_eval_without_checkpoint_is_a_clear_error(config):
+    result = runner.invoke(app, ["eval", str(config), "--quiet"])
+    assert result.exit_code == 2 and "selector.safetensors" in result.output

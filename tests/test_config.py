@@ -1,0 +1,89 @@
+import pytest
+import yaml
+
+from fedbiscuit.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
+
+
+def _write(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_overrides_reach_nested_keys_with_types(tmp_path):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "train": {"lr": 1e-5, "steps": 10}})
+    cfg = load_config(
+        path, ["train.lr=1e-4", "data.root=../shared/data", "model.lora.r=16", "data.subsets=[helpful-base]"]
+    )
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.root == "../shared/data"
+    assert cfg.model.lora.r == 16
+    assert cfg.data.subsets == ["helpful-base"]
+    assert cfg.name == "c"  # defaults to the file's stem
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.lrr=1e-4", "train.lrr"),  # unknown key
+        ("train.lr=fast", "train.lr"),  # wrong type
+        ("model.lora.r=0", "model.lora.r"),  # impossible value
+        ("data.subsets=[]", "data.subsets"),  # empty client list
+        ("model.device=gpu0", "model.device"),
+        ("data.partition.method=dirichlet", "num_clients"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, needle):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert needle in str(err.value)
+
+
+def test_wrong_value_is_shown(tmp_path):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    with pytest.raises(ConfigError, match="'fast'"):
+        load_config(path, ["train.lr=fast"])
+
+
+def test_missing_or_unknown_source_is_named():
+    with pytest.raises(ConfigError, match="data.source"):
+        config_from_dict({"data": {"root": "x"}})
+    with pytest.raises(ConfigError, match="'hh'"):
+        config_from_dict({"data": {"source": "hh"}})
+
+
+def test_steps_and_epochs_are_exclusive():
+    with pytest.raises(ConfigError, match="exactly one"):
+        config_from_dict({"train": {"steps": 5, "epochs": 1}})
+    assert config_from_dict({"train": {"steps": None, "epochs": 2}}).train.epochs == 2
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_dump_round_trips():
+    cfg = config_from_dict(
+        {"name": "x", "data": {"source": "generic", "root": "/d", "columns": {"client": "who"}}}
+    )
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        load_config(path)
