@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from fedbiscuit.data.pairs import Comparison
 from fedbiscuit.selector.encoding import PairEncoder
-from fedbiscuit.selector.prompts import Template
+from fedbiscuit.selector.prompts import TEMPLATES, Template
 
 
 def _pair(prompt="Human: hi there\n\nAssistant:", a="Sure, here it is.", b="No.", label=1.0):
@@ -76,3 +77,28 @@ def test_encode_tokenises_each_text_once(tiny, monkeypatch):
     enc.batch(pairs, both_orders=True)
     assert calls == [2, 2, 2]  # prompts, A, B; assembling batches tokenises nothing
     assert isinstance(enc.batch(pairs, both_orders=False)[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_templates_tokenise_like_whole_strings(tiny, name):
+    _, tok = tiny
+    t = Template.parse(name)
+    enc = PairEncoder(tok, t, 4096)
+    c = Comparison("Human: hi there, how are you?\n\nAssistant:", "Sure, here it is.", "No.", 1.0, "c", "t")
+    (p,) = enc.encode([c])
+    assert enc.sequence(p, False) == tok(t.render(c.prompt, c.response_a, c.response_b)).input_ids
+
+
+def test_templates_tokenise_like_whole_strings_on_smollm2():
+    from transformers import AutoTokenizer
+
+    from fedbiscuit.config import ModelConfig
+    from fedbiscuit.models.loading import convert_gguf, embedded_gguf
+
+    tok = AutoTokenizer.from_pretrained(convert_gguf(embedded_gguf(), ModelConfig()))
+    for name in TEMPLATES:
+        t = Template.parse(name)
+        enc = PairEncoder(tok, t, 4096)
+        c = Comparison("SUBREDDIT: r/x\nTITLE: t\nPOST: Human: hi there?\n\nAssistant:", "Sure, it is.", "No.", 1.0, "c", "t")
+        (p,) = enc.encode([c])
+        assert enc.sequence(p, True) == tok(t.render(c.prompt, c.response_b, c.response_a)).input_ids, name

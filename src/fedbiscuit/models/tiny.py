@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 _SPECIALS = ["<pad>", "<s>", "</s>"]
-_MERGES = [("Ġ", "A"), ("Ġ", "B"), ("Ġ", "t"), ("h", "e"), ("Ġ", "a"), ("i", "n")]
+_MERGES = [("Ġ", "A"), ("Ġ", "B"), ("Ċ", "Ċ"), ("Ġ", "t"), ("h", "e"), ("Ġ", "a"), ("i", "n")]
 
 
 def tiny_tokenizer():

@@ -3,7 +3,9 @@
 A template holds ``{prompt}``, ``{response_a}`` and ``{response_b}`` in that order and ends where the answer
 letter follows. It is split into four literal pieces that are tokenised once; the texts are tokenised once per
 pair, and a sequence is the concatenation, so no pair is ever re-tokenised for its second order or for
-truncation. Every piece ends in a newline or ':' so cutting there matches whole-string tokenisation in practice.
+truncation. Every piece that precedes a text ends in a single newline: byte-level BPEs split "\n\nText"
+differently from "\n\n" + "Text", while ":\n" + "Text" tokenises the same either way (a test checks this on
+SmolLM2's tokenizer).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 TEMPLATES = {
     "summary": (
         "Below is a forum post and two candidate summaries of it.\n\n"
-        "{prompt}\n\n"
+        "Post:\n{prompt}\n\n"
         "Summary A:\n{response_a}\n\n"
         "Summary B:\n{response_b}\n\n"
         "Which summary is better, A or B?\nAnswer:"
@@ -21,7 +23,7 @@ TEMPLATES = {
     "dialogue": (
         "Below is a conversation between a human and an AI assistant, and two candidate final replies "
         "from the assistant.\n\n"
-        "{prompt}\n\n"
+        "Conversation:\n{prompt}\n\n"
         "Reply A:\n{response_a}\n\n"
         "Reply B:\n{response_b}\n\n"
         "Which reply is better, A or B?\nAnswer:"
