@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fedbiscuit run configs/quickstart.yaml
+	$(BIN)/fedbiscuit run configs/quickstart.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

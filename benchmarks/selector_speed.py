@@ -39,12 +39,19 @@ def measure(method: str, args) -> dict:
     from fedbiscuit.selector.training import choice_loss, make_optimizer
 
     torch.manual_seed(0)
-    cfg = config_from_dict({
-        "data": {"source": "hh_rlhf", "root": args.data, "eval_split": None, "max_train_pairs_per_client": 64},
-        "model": {"name_or_path": args.model, "device": "cpu", "dtype": "float32"},
-        "selector": {"max_length": args.max_length},
-        "train": {"lr": 1e-4, "batch_size": args.batch, "steps": args.steps},
-    })
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": "hh_rlhf",
+                "root": args.data,
+                "eval_split": None,
+                "max_train_pairs_per_client": 64,
+            },
+            "model": {"name_or_path": args.model, "device": "cpu", "dtype": "float32"},
+            "selector": {"max_length": args.max_length},
+            "train": {"lr": 1e-4, "batch_size": args.batch, "steps": args.steps},
+        }
+    )
     ws = open_workspace(cfg, quiet=True)
     model, tok, enc, choice = ws.model, ws.tokenizer, ws.encoder, ws.choice_ids
     raw = ws.data.all_train()
@@ -71,8 +78,14 @@ def measure(method: str, args) -> dict:
         def batch(i, n, both):
             chunk = raw[i : i + n]
             texts = [render(p, False) for p in chunk] + ([render(p, True) for p in chunk] if both else [])
-            t = tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt",
-                    add_special_tokens=False)
+            t = tok(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
             target = torch.tensor([p.label for p in chunk] + ([1 - p.label for p in chunk] if both else []))
             return t.input_ids, t.attention_mask, target
 
@@ -116,7 +129,9 @@ def measure(method: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded")
-    p.add_argument("--data", default=os.environ.get("FEDBISCUIT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument(
+        "--data", default=os.environ.get("FEDBISCUIT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    )
     p.add_argument("--batch", type=int, default=4, help="pairs per training step (x2 sequences)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
@@ -134,17 +149,25 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"model={args.model} batch={args.batch} pairs (x2 orders) max_length={args.max_length} "
-          f"steps={args.steps} score_pairs={args.score_pairs} threads={rows[0]['threads']}")
-    print("| method | train step (s) | pairs scored / s (both orders) | peak RSS (MB) | RSS after load (MB) |")
+    print(
+        f"model={args.model} batch={args.batch} pairs (x2 orders) max_length={args.max_length} "
+        f"steps={args.steps} score_pairs={args.score_pairs} threads={rows[0]['threads']}"
+    )
+    print(
+        "| method | train step (s) | pairs scored / s (both orders) | peak RSS (MB) | RSS after load (MB) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['train_step_s']:.2f} | {r['pairs_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['after_load_rss_mb']:.0f} |")
+        print(
+            f"| {r['method']} | {r['train_step_s']:.2f} | {r['pairs_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['after_load_rss_mb']:.0f} |"
+        )
     ours, naive = rows
-    print(f"speed-up: training x{naive['train_step_s'] / ours['train_step_s']:.2f}, "
-          f"scoring x{ours['pairs_per_s'] / naive['pairs_per_s']:.2f}; "
-          f"peak RSS {naive['peak_rss_mb'] - ours['peak_rss_mb']:.0f} MB lower")
+    print(
+        f"speed-up: training x{naive['train_step_s'] / ours['train_step_s']:.2f}, "
+        f"scoring x{ours['pairs_per_s'] / naive['pairs_per_s']:.2f}; "
+        f"peak RSS {naive['peak_rss_mb'] - ours['peak_rss_mb']:.0f} MB lower"
+    )
 
 
 if __name__ == "__main__":

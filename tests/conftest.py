@@ -6,8 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models gain nothing from a second thread, and one thread keeps the suite steady on a busy 2-core box.
+torch.set_num_threads(1)
 
 
 def shared_data_dir() -> Path | None:
@@ -36,13 +40,21 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
+def smollm_enabled() -> bool:
+    return os.environ.get("FEDBISCUIT_TEST_SMOLLM") == "1"
+
+
 @pytest.fixture
 def tiny():
-    """(model, tokenizer): a fresh tiny random Llama for each test."""
+    """(model, tokenizer): a fresh tiny random Llama for each test.
+
+    With FEDBISCUIT_TEST_SMOLLM=1 the same tests run on the real SmolLM2-135M-Instruct instead (slow).
+    """
+    if smollm_enabled():
+        from fedbiscuit.config import ModelConfig
+        from fedbiscuit.models.loading import load_model
+
+        return load_model(ModelConfig(device="cpu"))
     from fedbiscuit.models.tiny import tiny_model
 
     return tiny_model(seed=0)
-
-
-def smollm_enabled() -> bool:
-    return os.environ.get("FEDBISCUIT_TEST_SMOLLM") == "1"

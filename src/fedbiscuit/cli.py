@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -31,6 +32,8 @@ def _fail(message: str) -> None:
 
 def _load(config: Path, overrides: list[str] | None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # raised inside transformers when peft asks about gradient checkpointing; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return load_config(config, overrides)
     except ConfigError as err:
@@ -39,20 +42,26 @@ def _load(config: Path, overrides: list[str] | None):
 
 def _guard(fn):
     """Known input problems end with their message, not a traceback."""
+    from .federated.local_engine import TooFewClientsError
     from .models.adapters import AdapterMismatchError
     from .models.loading import ModelLoadError
+    from .runs import RunExistsError
     from .selector.prompts import TemplateError
 
-    try:
-        return fn()
-    except (
+    known = (
+        ValueError,
         ConfigError,
         DataError,
         ModelLoadError,
         AdapterMismatchError,
         TemplateError,
         FileNotFoundError,
-    ) as err:
+        RunExistsError,
+        TooFewClientsError,
+    )
+    try:
+        return fn()
+    except known as err:
         _fail(str(err))
 
 
@@ -82,8 +91,49 @@ def _agreement_table(title: str, reports: dict[str, dict]) -> Table:
     return table
 
 
+def _federated_summary(results: dict) -> None:
+    final, first = results["final"], results.get("first") or {}
+    table = Table(title=f"agreement with human labels after {results['rounds']} rounds (evaluation split)")
+    for col in ("selector", "start", "end", "A|B / B|A"):
+        table.add_column(col, justify="left" if col == "selector" else "right")
+    rows = [(name, name, rep) for name, rep in final["selectors"].items()]
+    rows += [
+        (key, label, final[key])
+        for key, label in (("vote", "majority vote"), ("own", "own cluster"))
+        if key in final
+    ]
+    for key, label, rep in rows:
+        start = first.get("selectors", {}).get(key) or first.get(key)
+        o = rep["overall"]
+        table.add_row(
+            label,
+            _pct(start["overall"]["agreement"]) if start else "-",
+            _pct(o["agreement"]),
+            f"{_pct(o.get('agreement_ab'))} / {_pct(o.get('agreement_ba'))}",
+        )
+    console.print(table)
+    by_selector: dict[str, list[str]] = {}
+    for client, selector in sorted((results["clusters"] or {}).items()):
+        by_selector.setdefault(selector, []).append(client)
+    for selector, members in sorted(by_selector.items()):
+        console.print(f"  cluster of {selector}: {', '.join(members)}")
+    if results["faults"]:
+        console.print(f"clients left out of rounds, by reason: {results['faults']}")
+    console.print(
+        "'start' is before any training, 'end' after the last round; 50% is chance.\n"
+        f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, checkpoints/); "
+        f"plots and a table: fedbiscuit report {results['run_dir']}"
+    )
+
+
 @app.command()
-def run(config: Path, overrides: list[str] | None = _OVERRIDES, quiet: bool = _QUIET) -> None:
+def run(
+    config: Path,
+    overrides: list[str] | None = _OVERRIDES,
+    quiet: bool = _QUIET,
+    resume: bool = typer.Option(False, "--resume", help="continue the run from its newest checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run of the same name"),
+) -> None:
     """Run the pipeline the config describes; writes runs/<name>/."""
     from .pipeline import run as run_pipeline
 
@@ -92,7 +142,10 @@ def run(config: Path, overrides: list[str] | None = _OVERRIDES, quiet: bool = _Q
         f"run [bold]{cfg.name}[/]: pipeline={cfg.pipeline}, model={cfg.model.name_or_path}, "
         f"data={cfg.data.source} -> {cfg.run_dir}"
     )
-    results = _guard(lambda: run_pipeline(cfg, quiet=quiet))
+    results = _guard(lambda: run_pipeline(cfg, quiet=quiet, resume=resume, overwrite=overwrite))
+    if cfg.pipeline == "federated":
+        _federated_summary(results)
+        return
     stages = {k: results[k] for k in ("before", "after") if k in results}
     console.print(_agreement_table("selector agreement with human labels (evaluation split)", stages))
     t = results["train"]
@@ -156,6 +209,21 @@ def eval_(
         sys.stdout.write("\n")
     else:
         console.print(_agreement_table(f"agreement of {report['checkpoint']}", {"selector": report}))
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="one or more run folders (runs/<name>)"),
+    out: Path | None = typer.Option(
+        None, help="where to write report.md and the PNGs; default: the first run"
+    ),
+) -> None:
+    """Plots (agreement against round, cluster of each client over time) and a Markdown table of the runs."""
+    from .report import write_report
+
+    path = _guard(lambda: write_report(run_dirs, out or run_dirs[0]))
+    console.print(path.read_text(), markup=False, highlight=False)
+    console.print(f"written: {path} (+ PNGs beside it)")
 
 
 def main() -> None:  # pragma: no cover

@@ -219,16 +219,52 @@ class EvalConfig(_Section):
     before_training: bool = True
 
 
+# ----------------------------------------------------------------------------------------- federated
+
+
+class FedBiscuitConfig(_Section):
+    """K selectors, warmed up in turn, then trained within balanced client clusters."""
+
+    num_selectors: int = Field(default=2, ge=1)  # K
+    warmup_rounds: int = Field(default=50, ge=1)  # W: selector k trains alone in rounds [k*W, (k+1)*W)
+    regroup_every: int = Field(default=50, ge=1)  # G: regroup at round K*W and every G rounds after
+    # optimal: minimum total held-out loss over balanced assignments (Hungarian on replicated slots).
+    # greedy: the paper's rule (each client asks for its best open selector, the most asked keeps up to
+    # ceil(unplaced/open) and closes). Optimal is the default: it is never worse on the objective both share.
+    assignment: Literal["optimal", "greedy"] = "optimal"
+    # mean: each selector becomes the average of its sampled members' adapters.
+    # paper: theta_k += (1/N) * sum of the sampled members' deltas, N = number of all clients.
+    update: Literal["mean", "paper"] = "mean"
+    grouping_pairs: int | None = Field(default=None, ge=1)  # held-out pairs per client scored for grouping
+
+
+class FederatedConfig(_Section):
+    # fedbis: one selector, FedAvg. fedbiscuit: K clustered selectors. centralized: one client holding all
+    # data (baseline). local: every client trains its own selector, nothing is averaged (baseline).
+    algorithm: Literal["fedbis", "fedbiscuit", "centralized", "local"] = "fedbis"
+    rounds: int = Field(default=10, ge=1)
+    clients_per_round: int = Field(default=4, ge=1)
+    local_steps: int = Field(default=3, ge=1)
+    reset_optimizer: bool = True  # the paper's clients start every round with a fresh AdamW
+    weighting: Literal["uniform", "samples"] = "uniform"  # FedAvg weights; the paper averages uniformly
+    min_clients: int = Field(default=1, ge=1)  # fewer valid returns than this stops the run
+    client_timeout_s: float | None = Field(default=None, gt=0)  # a slower client's update is discarded
+    checkpoint_every: int = Field(default=5, ge=1)
+    eval_every: int = Field(default=5, ge=1)  # rounds between agreement evaluations on the test split
+    fedbiscuit: FedBiscuitConfig = FedBiscuitConfig()
+
+
 class RunConfig(_Section):
     name: str = Field(default="run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     output_dir: str = "runs"
     seed: int = 0
-    pipeline: Literal["centralized"] = "centralized"
+    pipeline: Literal["centralized", "federated"] = "centralized"
     data: DataConfig = Field(default_factory=HHRLHFData)
     model: ModelConfig = ModelConfig()
     selector: SelectorConfig = SelectorConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    federated: FederatedConfig = FederatedConfig()
 
     @model_validator(mode="before")
     @classmethod

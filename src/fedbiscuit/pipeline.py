@@ -76,8 +76,8 @@ def evaluate(ws: Workspace, stage: str) -> dict:
     return report
 
 
-def run_centralized(cfg: RunConfig, quiet: bool = False) -> dict:
-    run = RunDir(cfg)
+def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False) -> dict:
+    run = RunDir(cfg, overwrite=overwrite)
     try:
         ws = open_workspace(cfg, quiet)
         run.log(
@@ -145,7 +145,78 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path | None, quiet: bo
     return report
 
 
-def run(cfg: RunConfig, quiet: bool = False) -> dict:
+def initial_selectors(model, names: list[str], cfg: RunConfig) -> dict:
+    """Distinct initial adapters (selector k from seed + k): FedBiscuit warms its selectors in turn, not copies."""
+    states = {}
+    for k, name in enumerate(names):
+        model = add_adapter(model, "init", cfg.model.lora, seed=cfg.seed + k)
+        states[name] = adapter_state(model, "init")
+        model.set_adapter(SELECTOR)
+        model.delete_adapter("init")
+    model.set_adapter(SELECTOR)
+    return states
+
+
+def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    from .data import ClientData
+    from .federated.algorithm import Algorithm
+    from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
+    from .federated.client import WORK_ADAPTER, SelectorClient
+    from .federated.local_engine import LocalEngine
+
+    assert WORK_ADAPTER == SELECTOR
+    run = RunDir(cfg, resume=resume, overwrite=overwrite)
+    try:
+        ws = open_workspace(cfg, quiet)
+        data = ws.data
+        client_data = list(data.clients.values())
+        if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
+            client_data = [ClientData("all", data.all_train(), [p for c in client_data for p in c.heldout])]
+        empty = [c.name for c in client_data if not c.train]
+        if empty:
+            raise ValueError(f"clients with no training pairs: {empty}")
+        clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
+        algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
+        tests = {name: ws.encoder.encode(pairs) for name, pairs in data.all_test().items()}
+        engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
+        checkpoints = list_checkpoints(run.checkpoints)
+        if resume and checkpoints:
+            state = load_checkpoint(checkpoints[-1])
+            run.truncate_metrics(state.round)
+            log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
+        else:
+            if resume:
+                run.truncate_metrics(0)
+            state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
+            run.log(
+                {
+                    "event": "data",
+                    "round": -1,
+                    "clients": {c.name: len(c.data.train) for c in clients},
+                    "dropped": dict(data.report.dropped),
+                    "notes": data.report.notes,
+                }
+            )
+            if cfg.eval.before_training:
+                engine.evaluate(state, 0)
+        state = engine.run_rounds(state)
+        return {
+            "run_dir": str(run.path),
+            "rounds": state.round,
+            "clusters": state.clusters,
+            "faults": dict(engine.faults),
+            "final": engine.last_eval,
+            "first": engine.first_eval,
+        }
+    finally:
+        run.close()
+
+
+def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     if cfg.pipeline == "centralized":
-        return run_centralized(cfg, quiet)
+        if resume:
+            raise ValueError("--resume applies to federated runs (pipeline: federated)")
+        return run_centralized(cfg, quiet, overwrite)
+    if cfg.pipeline == "federated":
+        return run_federated(cfg, quiet, resume, overwrite)
     raise ValueError(f"unknown pipeline {cfg.pipeline!r}")

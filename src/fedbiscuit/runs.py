@@ -7,12 +7,14 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .config import RunConfig, dump_config
 
@@ -41,18 +43,64 @@ def _jsonable(value):
     return value
 
 
+def _diff_keys(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old.keys() | new.keys():
+            yield from _diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield f"{prefix.rstrip('.')} ({old!r} -> {new!r})"
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
 class RunDir:
-    def __init__(self, cfg: RunConfig):
+    """Owns runs/<name>/. A fresh run never silently overwrites an earlier one; a resumed run must have the
+    same configuration, and its metrics are cut back to what the checkpoint it resumes from had seen."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
         self.path = cfg.run_dir
         self.checkpoints = self.path / "checkpoints"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / "config.yaml", dump_config(cfg))
         self.metrics_path = self.path / "metrics.jsonl"
+        config_path = self.path / "config.yaml"
+        text = dump_config(cfg)
+        if resume:
+            if not config_path.is_file():
+                raise RunExistsError(f"--resume: no run to resume in {self.path}")
+            if config_path.read_text() != text:
+                old = yaml.safe_load(config_path.read_text())
+                new = yaml.safe_load(text)
+                diff = sorted(_diff_keys(old, new))
+                raise RunExistsError(
+                    f"--resume: the configuration differs from the run in {self.path}: {', '.join(diff)}"
+                )
+        elif self.metrics_path.exists() or any(self.checkpoints.glob("*")):
+            if not overwrite:
+                raise RunExistsError(
+                    f"{self.path} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                    "or set name=... for a new one"
+                )
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            self.metrics_path.unlink(missing_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, text)
         handler = logging.FileHandler(self.path / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("fedbiscuit").addHandler(handler)
         logging.getLogger("fedbiscuit").setLevel(logging.INFO)
         self._handler = handler
+
+    def truncate_metrics(self, before_round: int) -> None:
+        """Drop records of rounds at or after ``before_round`` (they are replayed after a resume)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("round", -1) < before_round
+        ]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **_jsonable(record)}

@@ -99,6 +99,13 @@ def test_templates_tokenise_like_whole_strings_on_smollm2():
     for name in TEMPLATES:
         t = Template.parse(name)
         enc = PairEncoder(tok, t, 4096)
-        c = Comparison("SUBREDDIT: r/x\nTITLE: t\nPOST: Human: hi there?\n\nAssistant:", "Sure, it is.", "No.", 1.0, "c", "t")
+        c = Comparison(
+            "SUBREDDIT: r/x\nTITLE: t\nPOST: Human: hi there?\n\nAssistant:",
+            "Sure, it is.",
+            "No.",
+            1.0,
+            "c",
+            "t",
+        )
         (p,) = enc.encode([c])
         assert enc.sequence(p, True) == tok(t.render(c.prompt, c.response_b, c.response_a)).input_ids, name

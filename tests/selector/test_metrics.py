@@ -29,3 +29,12 @@ def test_agreement_per_order_averaged_and_brier():
 def test_single_order_report():
     rep = agreement_report(_pairs([1.0, 0.0], ["x", "x"]), torch.tensor([0.8, 0.4]), None)
     assert rep["overall"]["agreement"] == 1.0 and "agreement_ba" not in rep["overall"]
+
+
+def test_an_exact_tie_counts_half():
+    # both orders say "first": the averaged P(a) is exactly 0.5, which is no preference, not a vote for B
+    rep = agreement_report(_pairs([1.0, 0.0], ["x", "x"]), torch.tensor([0.8, 0.8]), torch.tensor([0.8, 0.8]))
+    assert rep["overall"]["agreement"] == pytest.approx(0.5)
+    assert rep["overall"]["agreement_ab"] == pytest.approx(0.5) and rep["overall"][
+        "position_bias"
+    ] == pytest.approx(0.3)

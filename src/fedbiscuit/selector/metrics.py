@@ -34,9 +34,12 @@ def _summary(labels: torch.Tensor, p_ab: torch.Tensor, p_ba: torch.Tensor | None
 
 
 def _agree(p: torch.Tensor, hard: torch.Tensor, decided: torch.Tensor) -> float:
+    """Share of decided pairs where the selector sides with people; an exact 0.5 (no preference) counts half."""
     if not decided.any():
         return float("nan")
-    return float(((p > 0.5) == hard)[decided].float().mean())
+    score = ((p > 0.5) == hard).float()
+    score = torch.where(p == 0.5, torch.full_like(score, 0.5), score)
+    return float(score[decided].mean())
 
 
 def _brier(p: torch.Tensor, labels: torch.Tensor) -> float:

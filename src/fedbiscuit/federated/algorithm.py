@@ -1,0 +1,79 @@
+"""The server's decisions for FedBis, FedBiscuit and the baselines, independent of any engine.
+
+Every algorithm is a set of named selectors plus a rule for which selector a sampled client trains:
+- fedbis / centralized: one selector, everyone trains it (centralized has a single client holding all data);
+- local: one selector per client, never averaged;
+- fedbiscuit: K selectors; warm-up trains selector r // W in round r; from round K*W on, every G rounds the
+  clients are regrouped into K balanced clusters and each trains its cluster's selector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import FederatedConfig
+from .checkpoint import ServerState
+from .client import TrainReply
+from .grouping import assign
+from .server import aggregate, sample_clients
+
+
+class Algorithm:
+    def __init__(self, cfg: FederatedConfig, client_names: list[str], seed: int):
+        self.cfg = cfg
+        self.clients = list(client_names)
+        self.seed = seed
+        fb = cfg.fedbiscuit
+        if cfg.algorithm == "fedbiscuit":
+            if fb.num_selectors > len(self.clients):
+                raise ValueError(
+                    f"federated.fedbiscuit.num_selectors={fb.num_selectors} exceeds the {len(self.clients)} clients"
+                )
+            self.selectors = [f"selector-{k}" for k in range(fb.num_selectors)]
+            self.grouping_start = fb.num_selectors * fb.warmup_rounds
+        elif cfg.algorithm == "local":
+            self.selectors = list(self.clients)
+        else:
+            self.selectors = ["selector-0"]
+
+    # ------------------------------------------------------------------ schedule
+    def regroup_due(self, round_: int) -> bool:
+        if self.cfg.algorithm != "fedbiscuit" or round_ < self.grouping_start:
+            return False
+        return (round_ - self.grouping_start) % self.cfg.fedbiscuit.regroup_every == 0
+
+    def sampled(self, round_: int) -> list[str]:
+        return sample_clients(self.clients, self.cfg.clients_per_round, self.seed, round_)
+
+    def plan(self, state: ServerState, round_: int) -> dict[str, str]:
+        """Sampled client -> the selector it trains this round."""
+        chosen = self.sampled(round_)
+        algo = self.cfg.algorithm
+        if algo == "local":
+            return {c: c for c in chosen}
+        if algo == "fedbiscuit":
+            if round_ < self.grouping_start:
+                return {c: self.selectors[round_ // self.cfg.fedbiscuit.warmup_rounds] for c in chosen}
+            return {c: state.clusters[c] for c in chosen}
+        return {c: self.selectors[0] for c in chosen}
+
+    def warming_up(self, round_: int) -> bool:
+        return self.cfg.algorithm == "fedbiscuit" and round_ < self.grouping_start
+
+    # ------------------------------------------------------------------ grouping
+    def group(self, losses: dict[str, dict[str, float]], round_: int) -> dict[str, str]:
+        """Balanced disjoint clusters from every client's held-out loss under every selector."""
+        names = [c for c in self.clients if c in losses]
+        matrix = np.array([[losses[c][s] for s in self.selectors] for c in names])
+        idx = assign(matrix, self.cfg.fedbiscuit.assignment, seed=self.seed * 7919 + round_)
+        return {c: self.selectors[i] for c, i in zip(names, idx, strict=True)}
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, state: ServerState, replies: dict[str, list[TrainReply]]) -> None:
+        """Update every selector that received valid replies this round from those replies only."""
+        rule = self.cfg.fedbiscuit.update if self.cfg.algorithm == "fedbiscuit" else "mean"
+        for selector, group in replies.items():
+            if group:
+                state.selectors[selector] = aggregate(
+                    state.selectors[selector], group, self.cfg.weighting, rule, num_clients=len(self.clients)
+                )

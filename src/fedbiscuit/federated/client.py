@@ -1,0 +1,134 @@
+"""What a client does in a round: train a selector it was sent, or score selectors on its held-out slice.
+
+A client never sends text or token ids: a TrainReply holds adapter tensors, a sample count and float metrics;
+a ScoreReply holds one float loss per selector. Transport is someone else's job (the engines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainConfig
+from ..data import ClientData
+from ..models.adapters import AdapterState, adapter_state, load_adapter_state
+from ..selector.encoding import EncodedPair, PairEncoder
+from ..selector.scoring import choice_logits
+from ..selector.training import choice_loss, make_optimizer, train_selector
+
+WORK_ADAPTER = "selector"  # the one adapter slot every client trains in; global states are loaded into it
+
+
+@dataclass
+class TrainReply:
+    state: AdapterState
+    num_samples: int  # the client's training pairs (FedAvg weight)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreReply:
+    losses: dict[str, float]  # selector name -> mean choice loss on the held-out slice
+    num_pairs: int
+
+
+def client_seed(seed: int, round_: int, client_index: int, salt: int = 0) -> int:
+    """A seed for one client's work in one round: runs resume and replay exactly without carried RNG state."""
+    return (seed * 1_000_003 + round_ * 10_007 + client_index * 101 + salt) % (2**63)
+
+
+class SelectorClient:
+    """One client: its own data, and the shared base model it borrows for its turn."""
+
+    def __init__(self, index: int, data: ClientData, encoder: PairEncoder, choice_ids: tuple[int, int]):
+        self.index = index
+        self.name = data.name
+        self.data = data
+        self.encoder = encoder
+        self.choice_ids = choice_ids
+        self._train: list[EncodedPair] | None = None
+        self._heldout: list[EncodedPair] | None = None
+        self._optimizer_state: dict | None = None  # kept only when optimizers are not reset each round
+
+    # Token ids are made on first use and kept: compact, and no pair is tokenised twice.
+    @property
+    def train_pairs(self) -> list[EncodedPair]:
+        if self._train is None:
+            self._train = self.encoder.encode(self.data.train)
+        return self._train
+
+    @property
+    def heldout_pairs(self) -> list[EncodedPair]:
+        if self._heldout is None:
+            self._heldout = self.encoder.encode(self.data.heldout)
+        return self._heldout
+
+    def train(
+        self,
+        model,
+        state: AdapterState,
+        cfg: TrainConfig,
+        steps: int,
+        seed: int,
+        reset_optimizer: bool = True,
+    ) -> TrainReply:
+        if not self.train_pairs:
+            raise ValueError(f"client {self.name!r} has no training pairs")
+        load_adapter_state(model, WORK_ADAPTER, state, where=f"state sent to client {self.name}")
+        model.set_adapter(WORK_ADAPTER)
+        torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+        optimizer = make_optimizer(model, cfg)
+        if not reset_optimizer and self._optimizer_state is not None:
+            optimizer.load_state_dict(self._optimizer_state)
+        result = train_selector(
+            model,
+            self.encoder,
+            self.train_pairs,
+            cfg,
+            self.choice_ids,
+            seed=seed,
+            optimizer=optimizer,
+            steps=steps,
+        )
+        if not reset_optimizer:
+            self._optimizer_state = optimizer.state_dict()
+        return TrainReply(
+            state=adapter_state(model, WORK_ADAPTER),
+            num_samples=len(self.train_pairs),
+            metrics={
+                "loss": result.loss,
+                "accuracy": result.accuracy,
+                "pairs_seen": float(result.samples),
+                "seconds": result.seconds,  # pure training: the engine's overhead is the round's time minus this
+            },
+        )
+
+    @torch.no_grad()
+    def score(
+        self, model, states: dict[str, AdapterState], max_pairs: int | None, batch_size: int
+    ) -> ScoreReply:
+        """Mean choice loss of every selector on (a prefix of) the held-out slice, both orders, no gradients."""
+        pairs = self.heldout_pairs[:max_pairs] if max_pairs else self.heldout_pairs
+        if not pairs:
+            raise ValueError(f"client {self.name!r} has no held-out pairs to score selectors on")
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        losses = {}
+        try:
+            for name, state in states.items():
+                load_adapter_state(model, WORK_ADAPTER, state, where=f"selector {name}")
+                total = 0.0
+                for i in range(0, len(pairs), batch_size):
+                    ids, mask, target = self.encoder.batch(
+                        pairs[i : i + batch_size], both_orders=True, device=device
+                    )
+
+                    total += float(
+                        choice_loss(choice_logits(model, ids, mask, self.choice_ids), target)
+                    ) * len(ids)
+                losses[name] = total / (2 * len(pairs))
+        finally:
+            model.train(was_training)
+        return ScoreReply(losses=losses, num_pairs=len(pairs))

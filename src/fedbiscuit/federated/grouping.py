@@ -1,0 +1,74 @@
+"""FedBiscuit's client grouping: K disjoint clusters whose sizes differ by at most one.
+
+Input: loss[i][k], client i's held-out loss under selector k. Two assignments:
+- ``optimal_assignment``: minimum total loss subject to balance, exactly: the Hungarian algorithm over each
+  selector replicated into floor(n/K) slots plus one optional slot, of which exactly n mod K are filled.
+- ``greedy_assignment``: the paper's rule, step by step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def _capacities(n: int, k: int) -> tuple[int, int]:
+    return n // k, n % k  # every cluster gets `base`; `extra` of them get one more
+
+
+def optimal_assignment(loss: np.ndarray) -> list[int]:
+    """Cluster index per client minimising total loss, cluster sizes floor(n/K) or ceil(n/K)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    n, k = loss.shape
+    base, extra = _capacities(n, k)
+    # Columns: `base` mandatory slots per cluster, then one optional slot per cluster. Exactly `extra` optional
+    # slots may be used; dummy rows (n + ... ) absorb the rest at zero cost so the matrix is square.
+    mandatory = np.repeat(loss, base, axis=1) if base else np.zeros((n, 0))
+    optional = loss if extra else np.zeros((n, 0))
+    cost = np.concatenate([mandatory, optional], axis=1)
+    unused = cost.shape[1] - n  # optional slots that must stay empty
+    if unused:
+        big = float(np.abs(loss).sum() + 1.0) * (n + 1)
+        # dummy rows may take only optional slots; a mandatory slot left to a dummy costs `big`
+        dummy = np.concatenate(
+            [np.full((unused, mandatory.shape[1]), big), np.zeros((unused, optional.shape[1]))], axis=1
+        )
+        cost = np.concatenate([cost, dummy], axis=0)
+    rows, cols = linear_sum_assignment(cost)
+    out = [-1] * n
+    for r, c in zip(rows, cols, strict=True):
+        if r < n:
+            out[r] = int(c // base if c < mandatory.shape[1] else c - mandatory.shape[1])
+    return out
+
+
+def greedy_assignment(loss: np.ndarray, seed: int = 0) -> list[int]:
+    """The paper's rule. Clients are shuffled; each unplaced client asks for its best open selector; the most
+    asked selector keeps up to ceil(unplaced / open) of its askers (lowest loss first) and closes; repeat."""
+    loss = np.asarray(loss, dtype=np.float64)
+    n, k = loss.shape
+    order = list(range(n))
+    random.Random(f"greedy:{seed}").shuffle(order)
+    out = [-1] * n
+    unplaced, open_ = order, list(range(k))
+    while unplaced:
+        quota = math.ceil(len(unplaced) / len(open_))
+        asks: dict[int, list[int]] = {j: [] for j in open_}
+        for i in unplaced:
+            asks[min(open_, key=lambda j: (loss[i, j], j))].append(i)
+        chosen = max(open_, key=lambda j: (len(asks[j]), -j))
+        keep = sorted(asks[chosen], key=lambda i: loss[i, chosen])[:quota]
+        if len(open_) == 1:
+            keep = unplaced  # the last selector takes everyone left
+        for i in keep:
+            out[i] = chosen
+        unplaced = [i for i in unplaced if out[i] < 0]
+        open_.remove(chosen)
+    return out
+
+
+def assign(loss: np.ndarray, method: str, seed: int = 0) -> list[int]:
+    return optimal_assignment(loss) if method == "optimal" else greedy_assignment(loss, seed)

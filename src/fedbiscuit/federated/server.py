@@ -1,0 +1,81 @@
+"""What the server does: sample clients, check what they return, and aggregate adapters.
+
+Plain functions on plain data (adapter states are dicts of CPU tensors); no transport, no model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from ..models.adapters import AdapterMismatchError, AdapterState, check_state
+from .client import TrainReply
+
+
+def sample_clients(names: list[str], k: int, seed: int, round_: int) -> list[str]:
+    """``k`` clients uniformly without replacement; a function of (seed, round) only, so resume replays it."""
+    rng = random.Random(f"sample:{seed}:{round_}")
+    return sorted(rng.sample(names, min(k, len(names))), key=names.index)
+
+
+def reject_reason(reply: object, reference: AdapterState) -> str | None:
+    """Why an update must be left out of the aggregate, or None if it is usable."""
+    if not isinstance(reply, TrainReply):
+        return f"not a training reply ({type(reply).__name__})"
+    try:
+        check_state(reference, reply.state, "update")
+    except AdapterMismatchError as err:
+        return str(err)
+    if not (isinstance(reply.num_samples, int) and reply.num_samples > 0):
+        return f"bad sample count {reply.num_samples!r}"
+    bad = [k for k, v in reply.metrics.items() if not isinstance(v, float | int) or math.isnan(float(v))]
+    if bad:
+        return f"non-finite metrics {bad}"
+    return None
+
+
+def fedavg(states: list[AdapterState], weights: list[float] | None = None) -> AdapterState:
+    """Weighted average of adapter states (uniform when ``weights`` is None), accumulated in float64."""
+    if not states:
+        raise ValueError("nothing to average")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(states), dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"bad aggregation weights {w.tolist()}")
+    w = w / w.sum()
+    out = {}
+    for key, ref in states[0].items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for wi, s in zip(w, states, strict=True):
+            acc += wi * s[key].to(torch.float64)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def delta_update(global_state: AdapterState, states: list[AdapterState], num_clients: int) -> AdapterState:
+    """The FedBiscuit reference code's rule: theta += (1/N) * sum_i (theta_i - theta), N = all clients.
+
+    With few sampled members per round this moves a selector by a small fraction of their mean change.
+    """
+    out = {}
+    for key, g in global_state.items():
+        delta = torch.zeros(g.shape, dtype=torch.float64)
+        for s in states:
+            delta += s[key].to(torch.float64) - g.to(torch.float64)
+        out[key] = (g.to(torch.float64) + delta / num_clients).to(g.dtype)
+    return out
+
+
+def aggregate(
+    global_state: AdapterState,
+    replies: list[TrainReply],
+    weighting: str = "uniform",
+    rule: str = "mean",
+    num_clients: int | None = None,
+) -> AdapterState:
+    states = [r.state for r in replies]
+    if rule == "paper":
+        return delta_update(global_state, states, num_clients or len(states))
+    weights = [float(r.num_samples) for r in replies] if weighting == "samples" else None
+    return fedavg(states, weights)

@@ -1,0 +1,154 @@
+"""`fedbiscuit report RUN_DIR ...`: plots and a Markdown table from runs' metrics.jsonl, several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a fedbiscuit run folder?")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON") from None
+    return records
+
+
+def headline(eval_record: dict) -> tuple[str, dict] | None:
+    """The figure that answers "how well does this run's selector serve a client": the client's own
+    (cluster's) selector where there is one, else the vote, else the single selector."""
+    if "own" in eval_record:
+        return "own", eval_record["own"]["overall"]
+    if "vote" in eval_record:
+        return "vote", eval_record["vote"]["overall"]
+    selectors = eval_record.get("selectors") or {}
+    if len(selectors) == 1:
+        return next(iter(selectors)), next(iter(selectors.values()))["overall"]
+    if "overall" in eval_record:  # centralized pipeline
+        return "selector", eval_record["overall"]
+    return None
+
+
+def _natural(client: str) -> str:
+    return client.split("#", 1)[0]
+
+
+def purity(assignment: dict[str, str], group_of=_natural) -> float:
+    """Share of clients whose cluster's majority natural group is their own (1.0: clusters never mix groups)."""
+    clusters: dict[str, Counter] = {}
+    for client, sel in assignment.items():
+        clusters.setdefault(sel, Counter())[group_of(client)] += 1
+    return sum(c.most_common(1)[0][1] for c in clusters.values()) / max(1, len(assignment))
+
+
+def summarize(run_dir: Path) -> dict:
+    records = read_metrics(run_dir)
+    evals = [r for r in records if r["event"] == "eval"]
+    curve = []
+    for r in evals:
+        h = headline(r)
+        if h:
+            x = r.get("round", 0 if r.get("stage") == "before" else None)
+            curve.append((x, h[1]["agreement"], h[0], h[1]))
+    groupings = [r for r in records if r["event"] == "grouping"]
+    rounds = [r for r in records if r["event"] == "round"]
+    last = curve[-1] if curve else None
+    return {
+        "name": Path(run_dir).name,
+        "curve": [(x, y) for x, y, _, _ in curve if x is not None],
+        "final": last,
+        "first": curve[0] if curve else None,
+        "groupings": groupings,
+        "rounds": len(rounds),
+        "round_seconds": sum(r["seconds"] for r in rounds),
+        "client_seconds": sum(r["client_seconds"] for r in rounds),
+        "rejected": sum(len(r["rejected"]) for r in rounds),
+    }
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [summarize(Path(d)) for d in run_dirs]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        if run["curve"]:
+            xs, ys = zip(*run["curve"], strict=True)
+            ax.plot(
+                xs, [100 * y if y is not None else float("nan") for y in ys], marker="o", label=run["name"]
+            )
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set(
+        xlabel="round",
+        ylabel="agreement with human labels (%)",
+        title="selector agreement on the evaluation split",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "agreement.png", dpi=120)
+    plt.close(fig)
+
+    clustered = [r for r in runs if r["groupings"]]
+    if clustered:
+        fig, axes = plt.subplots(1, len(clustered), figsize=(4 + 3 * len(clustered), 5), squeeze=False)
+        for ax, run in zip(axes[0], clustered, strict=True):
+            clients = sorted(run["groupings"][0]["assignment"])
+            selectors = sorted({s for g in run["groupings"] for s in g["assignment"].values()})
+            grid = [[selectors.index(g["assignment"][c]) for g in run["groupings"]] for c in clients]
+            ax.imshow(grid, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            ax.set_yticks(range(len(clients)), clients, fontsize=7)
+            ax.set_xticks(range(len(run["groupings"])), [g["round"] for g in run["groupings"]], fontsize=7)
+            ax.set(xlabel="grouping round", title=f"{run['name']}: cluster of each client")
+        fig.tight_layout()
+        fig.savefig(out_dir / "clusters.png", dpi=120)
+        plt.close(fig)
+
+    lines = [
+        "# Run summary",
+        "",
+        "| run | rounds | start | final | A\\|B | B\\|A | Brier | measured by | purity | left out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        f, first = run["final"], run["first"]
+        if f is None:
+            lines.append(
+                f"| {run['name']} | {run['rounds']} | - | - | - | - | - | no evaluation yet | - | - |"
+            )
+            continue
+        o = f[3]
+        pur = _pct(purity(run["groupings"][-1]["assignment"])) if run["groupings"] else "-"
+        lines.append(
+            f"| {run['name']} | {run['rounds']} | {_pct(first[1])} | {_pct(o['agreement'])} | {_pct(o.get('agreement_ab'))} "
+            f"| {_pct(o.get('agreement_ba'))} | {o['brier']:.3f} | {f[2]} | {pur} | {run['rejected']} |"
+        )
+    lines += [
+        "",
+        "Agreement averages both presentation orders (A|B and B|A are each order alone); 50% is chance.",
+        "'measured by': the client's own cluster selector (FedBiscuit, local), the vote, or the single selector.",
+        "Purity: share of clients whose cluster's majority natural client id (the name before '#') is their own.",
+        "",
+        "![agreement](agreement.png)",
+    ]
+    if clustered:
+        lines.append("![clusters](clusters.png)")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,269 @@
+"""The local engine end to end on a tiny model and synthetic clients with planted preferences."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedbiscuit.config import config_from_dict
+from fedbiscuit.federated import client as client_mod
+from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
+from fedbiscuit.federated.client import ScoreReply, SelectorClient, TrainReply
+from fedbiscuit.federated.local_engine import TooFewClientsError
+from fedbiscuit.pipeline import run_federated
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+
+
+def write_planted(path: Path, clients: int = 8, pairs: int = 24) -> Path:
+    """Even-numbered clients prefer the answer 'yes', odd ones 'no'. Positions of the two answers vary."""
+    rows = []
+    for c in range(clients):
+        for i in range(pairs):
+            prompt = f"{WORDS[i % 8]} {WORDS[(i // 8 + c) % 8]} {i} {c}?"
+            liked, other = ("yes", "no") if c % 2 == 0 else ("no", "yes")
+            rows.append({"prompt": prompt, "chosen": liked, "rejected": other, "client": f"client-{c}"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cfg(tmp_path: Path, name="fed", **fed) -> dict:
+    data = write_planted(tmp_path / "data" / "train.jsonl")
+    (tmp_path / "data" / "test.jsonl").write_text(data.read_text())
+    raw = {
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "pipeline": "federated",
+        "data": {
+            "source": "generic",
+            "root": str(tmp_path / "data"),
+            "columns": {"client": "client"},
+            "heldout_fraction": 0.25,
+            "max_eval_pairs_per_client": 6,
+        },
+        "model": {"name_or_path": "tiny", "device": "cpu", "lora": {"r": 4, "alpha": 8, "dropout": 0.05}},
+        "selector": {"template": "Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", "max_length": 64},
+        "train": {"lr": 1e-2, "batch_size": 4},
+        "eval": {"batch_size": 16, "before_training": False},
+        "federated": {
+            "algorithm": "fedbis",
+            "rounds": 3,
+            "clients_per_round": 3,
+            "local_steps": 2,
+            "eval_every": 100,
+            "checkpoint_every": 1,
+            **fed,
+        },
+    }
+    return raw
+
+
+def _final(run_dir: Path):
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+
+
+def test_same_seed_same_adapters_bit_for_bit(tmp_path):
+    a = run_federated(config_from_dict(make_cfg(tmp_path, "a")), quiet=True)
+    b = run_federated(config_from_dict(make_cfg(tmp_path, "b")), quiet=True)
+    sa, sb = _final(Path(a["run_dir"])), _final(Path(b["run_dir"]))
+    assert sa.round == sb.round == 3
+    for k, v in sa.selectors["selector-0"].items():
+        assert torch.equal(v, sb.selectors["selector-0"][k]), k
+    c = run_federated(config_from_dict({**make_cfg(tmp_path, "c"), "seed": 1}), quiet=True)
+    sc = _final(Path(c["run_dir"]))
+    assert any(
+        not torch.equal(v, sc.selectors["selector-0"][k]) for k, v in sa.selectors["selector-0"].items()
+    )
+
+
+def test_faulty_clients_are_left_out_and_counted(tmp_path, monkeypatch):
+    real_train = SelectorClient.train
+
+    def flaky(self, model, state, *args, **kw):
+        if self.name == "client-1":
+            raise RuntimeError("disk full")
+        reply = real_train(self, model, state, *args, **kw)
+        if self.name == "client-2":
+            reply.state[next(iter(reply.state))][0, 0] = float("nan")
+        if self.name == "client-3":
+            reply.state = {k + ".x": v for k, v in reply.state.items()}
+        return reply
+
+    monkeypatch.setattr(SelectorClient, "train", flaky)
+    cfg = config_from_dict(make_cfg(tmp_path, rounds=4, clients_per_round=8, min_clients=2))
+    result = run_federated(cfg, quiet=True)
+    assert result["faults"] == {"raised RuntimeError": 4, "update does not fit the adapter": 8}
+    rounds = [
+        json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    rounds = [r for r in rounds if r["event"] == "round"]
+    assert len(rounds) == 4
+    for r in rounds:
+        assert set(r["rejected"]) == {"client-1", "client-2", "client-3"}
+        assert "disk full" in r["rejected"]["client-1"] and "non-finite" in r["rejected"]["client-2"]
+        assert len(r["clients"]) == 5
+    final = _final(Path(result["run_dir"])).selectors["selector-0"]
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_too_few_clients_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
+    real_train = SelectorClient.train
+    calls = {"n": 0}
+
+    def dies_later(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 6:  # rounds 0 and 1 succeed (3 clients each), round 2 fails entirely
+            raise RuntimeError("node lost")
+        return real_train(self, *args, **kw)
+
+    monkeypatch.setattr(SelectorClient, "train", dies_later)
+    cfg = config_from_dict(make_cfg(tmp_path, rounds=4, min_clients=1))
+    with pytest.raises(TooFewClientsError, match="round 2: only 0 of 3"):
+        run_federated(cfg, quiet=True)
+    ckpts = list_checkpoints(cfg.run_dir / "checkpoints")
+    assert [p.name for p in ckpts] == ["round-000001.safetensors", "round-000002.safetensors"]
+    assert load_checkpoint(ckpts[-1]).round == 2
+
+
+def test_clients_send_only_adapter_tensors_and_numbers(tmp_path, monkeypatch):
+    sent = []
+    for method in ("train", "score"):
+        real = getattr(SelectorClient, method)
+
+        def spy(self, *a, _real=real, **kw):
+            reply = _real(self, *a, **kw)
+            sent.append(reply)
+            return reply
+
+        monkeypatch.setattr(SelectorClient, method, spy)
+    cfg = config_from_dict(
+        make_cfg(
+            tmp_path,
+            algorithm="fedbiscuit",
+            rounds=3,
+            fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 1},
+        )
+    )
+    run_federated(cfg, quiet=True)
+    texts = [
+        json.loads(line)["prompt"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+    ]
+    assert any(isinstance(r, ScoreReply) for r in sent) and any(isinstance(r, TrainReply) for r in sent)
+    for reply in sent:
+        if isinstance(reply, TrainReply):
+            assert all(t.is_floating_point() for t in reply.state.values())  # no token ids
+            assert all(k.startswith("base_model.model.") and "lora_" in k for k in reply.state)
+            assert isinstance(reply.num_samples, int)
+            assert all(isinstance(v, float) for v in reply.metrics.values())
+        else:
+            assert all(isinstance(v, float) for v in reply.losses.values())
+        blob = pickle.dumps(reply)
+        assert not any(t.encode() in blob for t in texts), "a client reply carries its text"
+
+
+def test_planted_groups_are_recovered(tmp_path):
+    from tests.federated.sklearn_free_ari import adjusted_rand_index
+
+    cfg = config_from_dict(
+        make_cfg(
+            tmp_path,
+            algorithm="fedbiscuit",
+            rounds=10,
+            clients_per_round=4,
+            local_steps=3,
+            fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2, "assignment": "optimal"},
+        )
+    )
+    result = run_federated(cfg, quiet=True)
+    clusters = result["clusters"]
+    truth = [int(name.split("-")[1]) % 2 for name in sorted(clusters)]
+    found = [clusters[name] for name in sorted(clusters)]
+    assert adjusted_rand_index(truth, found) >= 0.9
+    assert len(set(found)) == 2
+
+
+def test_baselines_run_through_the_engine(tmp_path):
+    local = run_federated(
+        config_from_dict(make_cfg(tmp_path, "local", algorithm="local", rounds=2)), quiet=True
+    )
+    state = _final(Path(local["run_dir"]))
+    assert sorted(state.selectors) == [f"client-{i}" for i in range(8)]
+    central = run_federated(
+        config_from_dict(make_cfg(tmp_path, "central", algorithm="centralized", rounds=2)), quiet=True
+    )
+    rounds = [json.loads(x) for x in (Path(central["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [c["client"] for r in rounds if r["event"] == "round" for c in r["clients"]] == ["all", "all"]
+
+
+def test_one_shared_model_whatever_the_number_of_selectors(tmp_path, monkeypatch):
+    seen = set()
+    real = client_mod.SelectorClient.train
+
+    def spy(self, model, *a, **kw):
+        seen.add((id(model), tuple(model.peft_config)))
+        return real(self, model, *a, **kw)
+
+    monkeypatch.setattr(client_mod.SelectorClient, "train", spy)
+    cfg = config_from_dict(
+        make_cfg(
+            tmp_path,
+            algorithm="fedbiscuit",
+            rounds=4,
+            fedbiscuit={"num_selectors": 3, "warmup_rounds": 1, "regroup_every": 1},
+        )
+    )
+    run_federated(cfg, quiet=True)
+    assert seen and len(seen) == 1 and next(iter(seen))[1] == ("selector",)  # one model, one adapter slot
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_adapters(tmp_path):
+    raw = make_cfg(
+        tmp_path,
+        "killed",
+        algorithm="fedbiscuit",
+        rounds=8,
+        clients_per_round=3,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+    )
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "fedbiscuit.cli", "run", str(path), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and len(list_checkpoints(ckpt_dir)) < 3:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    reached = load_checkpoint(list_checkpoints(ckpt_dir)[-1]).round
+    assert 3 <= reached < 8, "the run was not interrupted part-way"
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = _final(tmp_path / "runs" / "killed")
+
+    whole = run_federated(config_from_dict({**raw, "name": "whole"}), quiet=True)
+    expected = _final(Path(whole["run_dir"]))
+    assert resumed.round == expected.round == 8 and resumed.clusters == expected.clusters
+    for sel, st in expected.selectors.items():
+        for k, v in st.items():
+            assert torch.equal(v, resumed.selectors[sel][k]), (sel, k)
+    rounds = [
+        json.loads(x)["round"]
+        for x in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["event"] == "round"
+    ]
+    assert rounds == list(range(8))  # replayed rounds are not logged twice
