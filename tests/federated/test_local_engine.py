@@ -14,31 +14,16 @@ import torch
 import yaml
 
 from fedbiscuit.config import config_from_dict
+from fedbiscuit.data.synthetic import write_planted
 from fedbiscuit.federated import client as client_mod
 from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
 from fedbiscuit.federated.client import ScoreReply, SelectorClient, TrainReply
 from fedbiscuit.federated.local_engine import TooFewClientsError
 from fedbiscuit.pipeline import run_federated
 
-WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
-
-
-def write_planted(path: Path, clients: int = 8, pairs: int = 24) -> Path:
-    """Even-numbered clients prefer the answer 'yes', odd ones 'no'. Positions of the two answers vary."""
-    rows = []
-    for c in range(clients):
-        for i in range(pairs):
-            prompt = f"{WORDS[i % 8]} {WORDS[(i // 8 + c) % 8]} {i} {c}?"
-            liked, other = ("yes", "no") if c % 2 == 0 else ("no", "yes")
-            rows.append({"prompt": prompt, "chosen": liked, "rejected": other, "client": f"client-{c}"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def make_cfg(tmp_path: Path, name="fed", **fed) -> dict:
-    data = write_planted(tmp_path / "data" / "train.jsonl")
-    (tmp_path / "data" / "test.jsonl").write_text(data.read_text())
+    write_planted(tmp_path / "data")
     raw = {
         "name": name,
         "output_dir": str(tmp_path / "runs"),

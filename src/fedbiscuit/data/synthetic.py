@@ -1,0 +1,33 @@
+"""Synthetic clients with planted, opposite preferences: for tests, benchmarks and dry runs without data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+
+
+def planted_rows(clients: int = 8, pairs: int = 24, noise: float = 0.0) -> list[dict]:
+    """Even-numbered clients prefer the answer 'yes', odd-numbered ones 'no' (chosen/rejected layout).
+
+    With ``noise`` > 0 that share of each client's judgments (every 1/noise-th pair) goes the other way.
+    """
+    rows = []
+    flip_every = round(1 / noise) if noise > 0 else 0
+    for c in range(clients):
+        for i in range(pairs):
+            prompt = f"{WORDS[i % 8]} {WORDS[(i // 8 + c) % 8]} {i} {c}?"
+            likes_yes = (c % 2 == 0) != bool(flip_every and (i + c) % flip_every == 0)
+            liked, other = ("yes", "no") if likes_yes else ("no", "yes")
+            rows.append({"prompt": prompt, "chosen": liked, "rejected": other, "client": f"client-{c}"})
+    return rows
+
+
+def write_planted(folder: Path, clients: int = 8, pairs: int = 24, noise: float = 0.0) -> Path:
+    """train.jsonl and test.jsonl (the same pairs) in ``folder``, readable with data.source=generic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in planted_rows(clients, pairs, noise))
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(text)
+    return folder
