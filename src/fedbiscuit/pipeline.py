@@ -182,6 +182,8 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
         checkpoints = list_checkpoints(run.checkpoints)
         if resume and checkpoints:
             state = load_checkpoint(checkpoints[-1])
+            for c in clients:
+                c.optimizer_state = state.optimizer_states.get(c.name)
             run.truncate_metrics(state.round)
             log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
         else:

@@ -252,3 +252,88 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapters(tmp_path):
         if json.loads(x)["event"] == "round"
     ]
     assert rounds == list(range(8))  # replayed rounds are not logged twice
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset):
+    raw = make_cfg(
+        tmp_path,
+        "r",
+        algorithm="fedbiscuit",
+        rounds=5,
+        reset_optimizer=reset,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+    )
+    run_federated(config_from_dict(raw), quiet=True)
+    ckpts = list_checkpoints(tmp_path / "runs" / "r" / "checkpoints")
+    expected = load_checkpoint(ckpts[-1])
+    assert bool(expected.optimizer_states) is (not reset)
+    for later in ckpts[1:]:  # back to round 3: rounds 3 and 4 are replayed
+        later.unlink()
+        later.with_suffix(".optim.pt").unlink(missing_ok=True)
+    assert load_checkpoint(list_checkpoints(tmp_path / "runs" / "r" / "checkpoints")[-1]).round == 3
+    run_federated(config_from_dict(raw), quiet=True, resume=True)
+    again = _final(tmp_path / "runs" / "r")
+    for sel, st in expected.selectors.items():
+        assert all(torch.equal(v, again.selectors[sel][k]) for k, v in st.items())
+
+
+def test_keeping_optimizer_state_changes_training(tmp_path):
+    a = run_federated(config_from_dict(make_cfg(tmp_path, "a", rounds=3, clients_per_round=8)), quiet=True)
+    b = run_federated(
+        config_from_dict(make_cfg(tmp_path, "b", rounds=3, clients_per_round=8, reset_optimizer=False)),
+        quiet=True,
+    )
+    sa, sb = (
+        _final(Path(a["run_dir"])).selectors["selector-0"],
+        _final(Path(b["run_dir"])).selectors["selector-0"],
+    )
+    assert any(not torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+def test_slow_clients_are_timed_out(tmp_path):
+    cfg = config_from_dict(make_cfg(tmp_path, client_timeout_s=1e-9))
+    with pytest.raises(TooFewClientsError, match="timed out"):
+        run_federated(cfg, quiet=True)
+
+
+def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_to_overwrite(tmp_path):
+    from fedbiscuit.runs import RunExistsError
+
+    raw = make_cfg(tmp_path, "x", rounds=1)
+    run_federated(config_from_dict(raw), quiet=True)
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_federated(config_from_dict(raw), quiet=True)
+    with pytest.raises(RunExistsError, match=r"train.lr \(0.01 -> 0.02\)"):
+        run_federated(
+            config_from_dict({**raw, "train": {**raw["train"], "lr": 0.02}}), quiet=True, resume=True
+        )
+    run_federated(config_from_dict(raw), quiet=True, overwrite=True)
+
+
+def test_report_plots_and_tables_several_runs(tmp_path):
+    from fedbiscuit.report import write_report
+
+    fed = make_cfg(
+        tmp_path,
+        "fb",
+        algorithm="fedbiscuit",
+        rounds=4,
+        eval_every=2,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 1},
+    )
+    fed["eval"]["before_training"] = True
+    run_federated(config_from_dict(fed), quiet=True)
+    run_federated(config_from_dict(make_cfg(tmp_path, "fa", rounds=4, eval_every=2)), quiet=True)
+    runs = [tmp_path / "runs" / "fb", tmp_path / "runs" / "fa"]
+    path = write_report(runs, tmp_path / "cmp")
+    text = path.read_text()
+    assert "| fb | 4 |" in text and "| fa | 4 |" in text and "own" in text and "selector-0" in text
+    for png in ("agreement.png", "clusters.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 5_000
+    records = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    grouping = [r for r in records if r["event"] == "grouping"]
+    assert [g["round"] for g in grouping] == [2, 3]
+    assert set(grouping[0]["losses"]["client-0"]) == {"selector-0", "selector-1"}
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [e["round"] for e in evals] == [0, 2, 4] and "vote" in evals[-1] and "own" in evals[-1]

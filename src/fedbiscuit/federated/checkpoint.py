@@ -33,9 +33,9 @@ def save_checkpoint(folder: Path, state: ServerState, keep: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{state.round:06d}.safetensors"
     if state.optimizer_states:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        os.close(fd)
-        torch.save(state.optimizer_states, tmp)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state.optimizer_states, fh)
         os.replace(tmp, path.with_suffix(".optim.pt"))
     flat = {f"{sel}/{k}": v for sel, st in state.selectors.items() for k, v in st.items()}
     meta = {

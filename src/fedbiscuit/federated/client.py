@@ -49,7 +49,8 @@ class SelectorClient:
         self.choice_ids = choice_ids
         self._train: list[EncodedPair] | None = None
         self._heldout: list[EncodedPair] | None = None
-        self._optimizer_state: dict | None = None  # kept only when optimizers are not reset each round
+        # AdamW state carried across rounds, only with reset_optimizer=False (checkpointed with the server state)
+        self.optimizer_state: dict | None = None
 
     # Token ids are made on first use and kept: compact, and no pair is tokenised twice.
     @property
@@ -79,8 +80,8 @@ class SelectorClient:
         model.set_adapter(WORK_ADAPTER)
         torch.manual_seed(seed)  # LoRA dropout draws from the global generator
         optimizer = make_optimizer(model, cfg)
-        if not reset_optimizer and self._optimizer_state is not None:
-            optimizer.load_state_dict(self._optimizer_state)
+        if not reset_optimizer and self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
         result = train_selector(
             model,
             self.encoder,
@@ -92,7 +93,7 @@ class SelectorClient:
             steps=steps,
         )
         if not reset_optimizer:
-            self._optimizer_state = optimizer.state_dict()
+            self.optimizer_state = optimizer.state_dict()
         return TrainReply(
             state=adapter_state(model, WORK_ADAPTER),
             num_samples=len(self.train_pairs),

@@ -191,6 +191,9 @@ class LocalEngine:
             if state.round % fed.eval_every == 0 or state.round == fed.rounds:
                 self.evaluate(state, state.round)
             if state.round % fed.checkpoint_every == 0 or state.round == fed.rounds:
+                state.optimizer_states = {
+                    n: c.optimizer_state for n, c in self.clients.items() if c.optimizer_state
+                }
                 save_checkpoint(self.run.checkpoints, state)
         bar.close()
         return state
