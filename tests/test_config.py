@@ -87,3 +87,16 @@ def test_shipped_configs_validate():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+def test_federated_constraints():
+    with pytest.raises(ConfigError, match="min_clients=5 exceeds"):
+        config_from_dict({"federated": {"clients_per_round": 4, "min_clients": 5}})
+    with pytest.raises(ConfigError, match="heldout_fraction must be > 0"):
+        config_from_dict(
+            {
+                "pipeline": "federated",
+                "data": {"source": "hh_rlhf", "heldout_fraction": 0.0},
+                "federated": {"algorithm": "fedbiscuit"},
+            }
+        )

@@ -253,6 +253,15 @@ class FederatedConfig(_Section):
     eval_every: int = Field(default=5, ge=1)  # rounds between agreement evaluations on the test split
     fedbiscuit: FedBiscuitConfig = FedBiscuitConfig()
 
+    @model_validator(mode="after")
+    def _min_clients(self) -> FederatedConfig:
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"federated.min_clients={self.min_clients} exceeds "
+                f"federated.clients_per_round={self.clients_per_round}"
+            )
+        return self
+
 
 class RunConfig(_Section):
     name: str = Field(default="run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -274,6 +283,15 @@ class RunConfig(_Section):
             got = f" (got {data['source']!r})" if "source" in data else ""
             raise ValueError(f"data.source must be one of {', '.join(sorted(_SOURCES))}{got}")
         return raw
+
+    @model_validator(mode="after")
+    def _grouping_needs_heldout(self) -> RunConfig:
+        fedbiscuit = self.pipeline == "federated" and self.federated.algorithm == "fedbiscuit"
+        if fedbiscuit and self.data.heldout_fraction == 0:
+            raise ValueError(
+                "federated.algorithm=fedbiscuit groups clients by held-out loss: data.heldout_fraction must be > 0"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
 def evaluate(ws: Workspace, stage: str) -> dict:
     """Agreement with the human labels of the evaluation split, per client and overall."""
     tests = ws.data.all_test()
-    pairs = ws.encoder.encode([p for members in tests.values() for p in members])
+    pairs = [p for name, members in tests.items() for p in ws.encoder.encode(members, owner=name)]
     if not pairs:
         raise ValueError("no evaluation pairs: set data.eval_split to a split that has data")
     both = ws.cfg.eval.swap_average
@@ -177,7 +178,12 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
             raise ValueError(f"clients with no training pairs: {empty}")
         clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
         algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
-        tests = {name: ws.encoder.encode(pairs) for name, pairs in data.all_test().items()}
+        tests = {name: ws.encoder.encode(pairs, owner=name) for name, pairs in data.all_test().items()}
+        if cfg.federated.algorithm == "local" and not set(tests) & {c.name for c in clients}:
+            raise ValueError(
+                "the local baseline scores each client's own selector on that client's test pairs, but no "
+                "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
+            )
         engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
         checkpoints = list_checkpoints(run.checkpoints)
         if resume and checkpoints:
@@ -188,7 +194,7 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
             log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
         else:
             if resume:
-                run.truncate_metrics(0)
+                run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
             state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
             run.log(
                 {
@@ -202,13 +208,21 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
             if cfg.eval.before_training:
                 engine.evaluate(state, 0)
         state = engine.run_rounds(state)
+        records = run.records()  # the whole run, also the part before a resume
+        evals = [r for r in records if r["event"] == "eval"]
+        faults = Counter(
+            reason.split(":")[0].split(" (")[0]
+            for r in records
+            if r["event"] == "round"
+            for reason in r["rejected"].values()
+        )
         return {
             "run_dir": str(run.path),
             "rounds": state.round,
             "clusters": state.clusters,
-            "faults": dict(engine.faults),
-            "final": engine.last_eval,
-            "first": engine.first_eval,
+            "faults": dict(faults),
+            "final": evals[-1] if evals else None,
+            "first": evals[0] if evals else None,
         }
     finally:
         run.close()

@@ -43,6 +43,28 @@ def _jsonable(value):
     return value
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+# Settings a resumed run may change: how long it runs and how it copes, not what it computes.
+RESUMABLE_CHANGES = {
+    "federated.rounds",
+    "federated.min_clients",
+    "federated.client_timeout_s",
+    "federated.eval_every",
+    "federated.checkpoint_every",
+}
+
+
 def _diff_keys(old, new, prefix=""):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in old.keys() | new.keys():
@@ -68,12 +90,12 @@ class RunDir:
         if resume:
             if not config_path.is_file():
                 raise RunExistsError(f"--resume: no run to resume in {self.path}")
-            if config_path.read_text() != text:
-                old = yaml.safe_load(config_path.read_text())
-                new = yaml.safe_load(text)
-                diff = sorted(_diff_keys(old, new))
+            old, new = yaml.safe_load(config_path.read_text()), yaml.safe_load(text)
+            diff = sorted(d for d in _diff_keys(old, new) if d.split(" (")[0] not in RESUMABLE_CHANGES)
+            if diff:
                 raise RunExistsError(
-                    f"--resume: the configuration differs from the run in {self.path}: {', '.join(diff)}"
+                    f"--resume: the configuration differs from the run in {self.path}: {', '.join(diff)} "
+                    f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
                 )
         elif self.metrics_path.exists() or any(self.checkpoints.glob("*")):
             if not overwrite:
@@ -91,16 +113,24 @@ class RunDir:
         logging.getLogger("fedbiscuit").setLevel(logging.INFO)
         self._handler = handler
 
-    def truncate_metrics(self, before_round: int) -> None:
-        """Drop records of rounds at or after ``before_round`` (they are replayed after a resume)."""
+    def truncate_metrics(self, resume_round: int) -> None:
+        """Keep what the checkpoint of ``resume_round`` had seen: rounds before it, and the evaluation taken
+        at it (evaluations are logged with the number of rounds done). A line torn by a kill is dropped."""
         if not self.metrics_path.is_file():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("round", -1) < before_round
-        ]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            r = record.get("round", -1)
+            if r < resume_round or (record.get("event") == "eval" and r == resume_round and resume_round > 0):
+                kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def records(self) -> list[dict]:
+        return read_records(self.metrics_path)
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **_jsonable(record)}

@@ -58,3 +58,13 @@ def test_bad_choice_is_named(tmp_path):
     write_jsonl(tmp_path / "batch1.json", [tldr_row("p", "a", "b", 2, "w")])
     with pytest.raises(DataError, match="line 1, field 'choice'"):
         tldr.load(TLDRData(root=str(tmp_path)), "train")
+
+
+def test_hub_parquet_files_are_read_by_split(tmp_path):
+    for split, rows in (("train", _rows()[:2]), ("validation", _rows()[3:4])):
+        for r in rows:
+            r.pop("extra", None)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}-00000-of-00001.parquet")
+    train, _ = tldr.load(TLDRData(root=str(tmp_path)), "train")
+    valid, _ = tldr.load(TLDRData(root=str(tmp_path)), "validation")
+    assert [p.response_a for p in train] == ["s1", "s3"] and [p.response_a for p in valid] == ["s7"]

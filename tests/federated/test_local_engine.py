@@ -337,3 +337,56 @@ def test_report_plots_and_tables_several_runs(tmp_path):
     assert set(grouping[0]["losses"]["client-0"]) == {"selector-0", "selector-1"}
     evals = [r for r in records if r["event"] == "eval"]
     assert [e["round"] for e in evals] == [0, 2, 4] and "vote" in evals[-1] and "own" in evals[-1]
+
+
+def test_own_cluster_uses_the_partitioned_client_names(tmp_path):
+    """With split_each, test pairs belong to 'client-0#1' etc.; each must be judged by its own cluster."""
+    raw = make_cfg(
+        tmp_path,
+        "split",
+        algorithm="fedbiscuit",
+        rounds=4,
+        clients_per_round=4,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 1},
+    )
+    raw["data"]["partition"] = {"split_each": 2}
+    raw["data"]["max_eval_pairs_per_client"] = None
+    result = run_federated(config_from_dict(raw), quiet=True)
+    assert all("#" in name for name in result["clusters"]) and len(result["clusters"]) == 16
+    final = result["final"]
+    assert set(final["own"]["clients"]) == set(result["clusters"])
+    own = final["own"]["overall"]["agreement"]
+    singles = {s: r["overall"]["agreement"] for s, r in final["selectors"].items()}
+    # own-cluster agreement is a mix of the two selectors, not selector-0 alone
+    per_client = final["own"]["clients"]
+    for client, sel in result["clusters"].items():
+        assert per_client[client]["agreement"] == pytest.approx(
+            final["selectors"][sel]["clients"][client]["agreement"]
+        )
+    assert own is not None and singles
+
+
+def test_resume_keeps_the_evaluation_taken_at_the_checkpoint(tmp_path):
+    raw = make_cfg(tmp_path, "ev", rounds=4, eval_every=2, checkpoint_every=2)
+    run_federated(config_from_dict(raw), quiet=True)
+    ckpts = list_checkpoints(tmp_path / "runs" / "ev" / "checkpoints")
+    ckpts[-1].unlink()  # back to the round-2 checkpoint
+    with open(tmp_path / "runs" / "ev" / "metrics.jsonl", "a") as fh:
+        fh.write('{"event": "round", "round": 3, "cli')  # a line torn by a kill
+    result = run_federated(config_from_dict(raw), quiet=True, resume=True)
+    records = [json.loads(x) for x in (tmp_path / "runs" / "ev" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if r["event"] == "eval"] == [2, 4]
+    assert [r["round"] for r in records if r["event"] == "round"] == [0, 1, 2, 3]
+    assert result["first"]["round"] == 2 and result["final"]["round"] == 4
+    # a finished run resumed again has nothing to do but still reports
+    again = run_federated(
+        config_from_dict({**raw, "federated": {**raw["federated"], "rounds": 4}}), quiet=True, resume=True
+    )
+    assert again["final"]["round"] == 4
+
+
+def test_local_baseline_with_unmatched_evaluation_clients_is_a_clear_error(tmp_path):
+    raw = make_cfg(tmp_path, "loc", algorithm="local", rounds=1)
+    raw["data"]["partition"] = {"method": "iid", "num_clients": 4}
+    with pytest.raises(ValueError, match="local baseline"):
+        run_federated(config_from_dict(raw), quiet=True)

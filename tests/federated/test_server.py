@@ -51,5 +51,6 @@ def test_reject_reasons():
     assert "shape" in reject_reason(TrainReply({"a": torch.zeros(2, 3), "b": torch.zeros(3)}, 5), ref)
     assert "missing b" in reject_reason(TrainReply({"a": torch.zeros(2, 2)}, 5), ref)
     assert "sample count" in reject_reason(TrainReply(_state(1), 0), ref)
-    assert "non-finite metrics" in reject_reason(TrainReply(_state(1), 5, {"loss": float("nan")}), ref)
+    assert "non-finite training loss" in reject_reason(TrainReply(_state(1), 5, {"loss": float("nan")}), ref)
+    assert reject_reason(TrainReply(_state(1), 5, {"loss": 0.3, "accuracy": float("nan")}), ref) is None
     assert "not a training reply" in reject_reason(ScoreReply({}, 1), ref)

@@ -64,7 +64,7 @@ def _flwr_partition(pairs: list[Comparison], cfg: PartitionConfig, seed: int) ->
         )
     part.dataset = ds
     width = len(str(n - 1))
-    return {f"client-{i:0{width}d}": [pairs[j] for j in part.load_partition(i)["idx"]] for i in range(n)}
+    return {f"partition-{i:0{width}d}": [pairs[j] for j in part.load_partition(i)["idx"]] for i in range(n)}
 
 
 def partition(

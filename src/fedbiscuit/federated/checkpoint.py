@@ -63,7 +63,7 @@ def load_checkpoint(path: Path) -> ServerState:
     info = json.loads(meta["server"])
     selectors: dict[str, AdapterState] = {name: {} for name in info["selectors"]}
     for key, value in flat.items():
-        sel, _, tensor = key.partition("/")
+        sel, _, tensor = key.rpartition("/")  # tensor names have no "/"; selector names (client ids) may
         selectors[sel][tensor] = value
     optim_path = path.with_suffix(".optim.pt")
     optim = torch.load(optim_path, weights_only=True) if optim_path.is_file() else {}

@@ -110,9 +110,12 @@ class SelectorClient:
         self, model, states: dict[str, AdapterState], max_pairs: int | None, batch_size: int
     ) -> ScoreReply:
         """Mean choice loss of every selector on (a prefix of) the held-out slice, both orders, no gradients."""
-        pairs = self.heldout_pairs[:max_pairs] if max_pairs else self.heldout_pairs
+        # A small client may have no held-out pair (the slice is drawn by prompt hash): it then scores on its
+        # training pairs, which still ranks the selectors for it.
+        pairs = self.heldout_pairs or self.train_pairs
+        pairs = pairs[:max_pairs] if max_pairs else pairs
         if not pairs:
-            raise ValueError(f"client {self.name!r} has no held-out pairs to score selectors on")
+            raise ValueError(f"client {self.name!r} has no pairs to score selectors on")
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device

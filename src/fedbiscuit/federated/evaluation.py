@@ -40,6 +40,8 @@ def evaluate_selectors(
                 load_adapter_state(model, WORK_ADAPTER, selectors[name])
                 p_ab, p_ba = score_pairs(model, encoder, pairs, choice_ids, batch_size)
                 probs[name] = (pairs, p_ab, p_ba)
+        if not probs:
+            return out
         all_pairs = [p for pairs, _, _ in probs.values() for p in pairs]
         p_ab = torch.cat([x[1] for x in probs.values()])
         p_ba = torch.cat([x[2] for x in probs.values()])
@@ -57,10 +59,11 @@ def evaluate_selectors(
         vote_ab = majority_vote(torch.stack([scores[n][0] for n in names]))
         vote_ba = majority_vote(torch.stack([scores[n][1] for n in names]))
         out["vote"] = agreement_report(pairs, vote_ab, vote_ba)
-        if clusters:
-            own_ab, own_ba = torch.empty(len(pairs)), torch.empty(len(pairs))
-            for i, p in enumerate(pairs):
-                sel = clusters.get(p.client, names[0])
-                own_ab[i], own_ba[i] = scores[sel][0][i], scores[sel][1][i]
-            out["own"] = agreement_report(pairs, own_ab, own_ba)
+        # each client's test pairs judged by its own cluster's selector (clients that have a cluster only:
+        # with IID/Dirichlet partitions the test pairs are grouped by natural id and have none)
+        owned = [i for i, p in enumerate(pairs) if p.client in (clusters or {})]
+        if owned:
+            own_ab = torch.stack([scores[clusters[pairs[i].client]][0][i] for i in owned])
+            own_ba = torch.stack([scores[clusters[pairs[i].client]][1][i] for i in owned])
+            out["own"] = agreement_report([pairs[i] for i in owned], own_ab, own_ba)
     return out

@@ -50,7 +50,6 @@ class LocalEngine:
         self.tests = (
             tests  # client -> encoded test pairs (simulation-side evaluation of the global selectors)
         )
-        self.faults = Counter()
         self.first_eval: dict | None = None
         self.last_eval: dict | None = None
 
@@ -77,26 +76,37 @@ class LocalEngine:
     # ---------------------------------------------------------------- grouping round
     def regroup(self, state: ServerState, round_: int) -> None:
         fb = self.cfg.federated.fedbiscuit
-        losses, start = {}, time.perf_counter()
+        losses, unscored, start = {}, {}, time.perf_counter()
         bar = tqdm(self.clients.values(), desc=f"grouping (round {round_})", disable=self.quiet, leave=False)
         for client in bar:  # every client, not only sampled ones
             try:
-                losses[client.name] = client.score(
+                row = client.score(
                     self.model, state.selectors, fb.grouping_pairs, self.cfg.eval.batch_size
                 ).losses
             except Exception as err:
-                self.faults["grouping: " + type(err).__name__] += 1
-                log.warning("client %s could not score the selectors: %s", client.name, err)
-        bad = [c for c, row in losses.items() if not all(math.isfinite(v) for v in row.values())]
-        for c in bad:
-            del losses[c]
-        previous = dict(state.clusters)
-        assignment = self.algorithm.group(losses, round_)
-        # a client that could not score keeps its previous cluster (or the least populated one)
+                unscored[client.name] = f"raised {type(err).__name__}: {err}"
+                log.warning("round %d: client %s could not score the selectors: %s", round_, client.name, err)
+                continue
+            if all(math.isfinite(v) for v in row.values()):
+                losses[client.name] = row
+            else:
+                unscored[client.name] = "non-finite loss"
+        if losses:
+            assignment = self.algorithm.group(losses, round_)
+        elif state.clusters:
+            assignment = {}  # nobody could score: everyone keeps a cluster as below
+        else:
+            raise TooFewClientsError(
+                f"round {round_}: no client could score the selectors; cannot group clients"
+            )
+        # Clients that could not score join the least populated cluster: the scored ones are balanced, so
+        # this keeps every cluster size within one of the others.
         for c in self.algorithm.clients:
             if c not in assignment:
                 sizes = Counter(assignment.values())
-                assignment[c] = previous.get(c) or min(self.algorithm.selectors, key=lambda s: sizes[s])
+                assignment[c] = min(
+                    self.algorithm.selectors, key=lambda s: (sizes[s], s != state.clusters.get(c))
+                )
         state.clusters = assignment
         self.run.log(
             {
@@ -105,7 +115,7 @@ class LocalEngine:
                 "assignment": assignment,
                 "losses": losses,
                 "seconds": time.perf_counter() - start,
-                "unscored": sorted(set(self.algorithm.clients) - set(losses)),
+                "unscored": unscored,
             }
         )
 
@@ -150,7 +160,6 @@ class LocalEngine:
                 outcome = self._train_client(name, selector, state, r)
                 if isinstance(outcome, str):
                     rejected[name] = outcome
-                    self.faults[outcome.split(":")[0].split(" (")[0]] += 1
                     log.warning("round %d: left out client %s: %s", r, name, outcome)
                     continue
                 replies[selector].append(outcome)

@@ -39,10 +39,11 @@ class PairEncoder:
             )
         self.truncated = Counter()
 
-    def encode(self, pairs: list[Comparison]) -> list[EncodedPair]:
+    def encode(self, pairs: list[Comparison], owner: str | None = None) -> list[EncodedPair]:
         """Tokenise every text once (batched, fast tokenizer) and fit each pair into ``max_length``.
 
         Truncation happens here, once per pair, so it is the same in both orders and counted once.
+        ``owner`` names the client the pairs belong to after partitioning (default: their natural id).
         """
         if not pairs:
             return []
@@ -51,7 +52,7 @@ class PairEncoder:
         a = tok([p.response_a for p in pairs], add_special_tokens=False).input_ids
         b = tok([p.response_b for p in pairs], add_special_tokens=False).input_ids
         return [
-            EncodedPair(*self._fit(pr, x, y), p.label, p.client)
+            EncodedPair(*self._fit(pr, x, y), p.label, owner or p.client)
             for pr, x, y, p in zip(prompts, a, b, pairs, strict=True)
         ]
 

@@ -47,15 +47,21 @@ def load(cfg: TLDRData, split: str) -> tuple[list[Comparison], LoadReport]:
     report = LoadReport()
     root = cfg.resolved_root()
     if root is None:
-        sources = [(f"hub:{cfg.hub_id}/{split}", hub_rows(cfg.hub_id, split, name="comparisons"), False)]
+        sources = [(f"hub:{cfg.hub_id}/{split}", hub_rows(cfg.hub_id, split, name="comparisons"))]
     else:
         if (root / "tldr").is_dir():
             root = root / "tldr"
-        sources = [(str(p), read_rows(p), p.suffix != ".parquet") for p in _files(root)]
-    for file, rows, filter_split in sources:
+        # Hub parquet files are one split each ("train-00000-of-00001.parquet"): read only this split's.
+        # Batch files mix splits; rows are filtered by their own `split` field below.
+        files = [
+            p for p in _files(root) if p.suffix != ".parquet" or _split_matches(p.name.split("-")[0], split)
+        ]
+        if not files:
+            raise DataError(str(root), f"no TL;DR file for split {split!r} in this folder")
+        sources = [(str(p), read_rows(p)) for p in files]
+    for file, rows in sources:
         for line, row in rows:
-            # Hub parquet files are already one split each; batch files mix splits row by row.
-            if filter_split and "split" in row and not _split_matches(need(row, "split", file, line), split):
+            if row.get("split") is not None and not _split_matches(need(row, "split", file, line), split):
                 continue
             info = need(row, "info", file, line, dict)
             summaries = need(row, "summaries", file, line, list)
