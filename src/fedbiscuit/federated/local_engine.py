@@ -50,8 +50,6 @@ class LocalEngine:
         self.tests = (
             tests  # client -> encoded test pairs (simulation-side evaluation of the global selectors)
         )
-        self.first_eval: dict | None = None
-        self.last_eval: dict | None = None
 
     # ---------------------------------------------------------------- one client, fault-contained
     def _train_client(self, name: str, selector: str, state: ServerState, round_: int) -> TrainReply | str:
@@ -134,8 +132,6 @@ class LocalEngine:
         )
         report["seconds"] = time.perf_counter() - start
         self.run.log({"event": "eval", "round": round_, **report})
-        self.first_eval = self.first_eval or report
-        self.last_eval = report
         return report
 
     # ---------------------------------------------------------------- the run
