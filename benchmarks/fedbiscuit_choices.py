@@ -29,45 +29,32 @@ def ari(a, b) -> float:
 
 def run(seed: int, assignment: str, update: str, args) -> tuple[float, float]:
     from fedbiscuit.config import config_from_dict
-    from fedbiscuit.data.synthetic import write_planted
+    from fedbiscuit.data.synthetic import planted_run_config
     from fedbiscuit.pipeline import run_federated
 
-    tmp = Path(tempfile.mkdtemp())
-    write_planted(tmp / "data", clients=args.clients, noise=args.noise)
-    cfg = config_from_dict(
-        {
-            "name": "x",
-            "output_dir": str(tmp / "runs"),
-            "seed": seed,
-            "pipeline": "federated",
-            "data": {
-                "source": "generic",
-                "root": str(tmp / "data"),
-                "columns": {"client": "client"},
-                "heldout_fraction": 0.25,
-                "max_eval_pairs_per_client": 6,
-            },
-            "model": {"name_or_path": "tiny", "device": "cpu", "lora": {"r": 4, "alpha": 8, "dropout": 0.05}},
-            "selector": {"template": "Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", "max_length": 64},
-            "train": {"lr": args.lr, "batch_size": 4},
-            "eval": {"batch_size": 32, "before_training": False},
-            "federated": {
-                "algorithm": "fedbiscuit",
-                "rounds": args.rounds,
-                "clients_per_round": 4,
-                "local_steps": 3,
-                "eval_every": args.rounds,
-                "checkpoint_every": args.rounds,
-                "fedbiscuit": {
-                    "num_selectors": 2,
-                    "warmup_rounds": 2,
-                    "regroup_every": 2,
-                    "assignment": assignment,
-                    "update": update,
-                },
-            },
-        }
+    raw = planted_run_config(
+        Path(tempfile.mkdtemp()),
+        "x",
+        seed=seed,
+        lr=args.lr,
+        noise=args.noise,
+        clients=args.clients,
+        algorithm="fedbiscuit",
+        rounds=args.rounds,
+        clients_per_round=4,
+        local_steps=3,
+        eval_every=args.rounds,
+        checkpoint_every=args.rounds,
+        fedbiscuit={
+            "num_selectors": 2,
+            "warmup_rounds": 2,
+            "regroup_every": 2,
+            "assignment": assignment,
+            "update": update,
+        },
     )
+    raw["eval"]["batch_size"] = 32  # as measured in BENCHMARKS.md
+    cfg = config_from_dict(raw)
     result = run_federated(cfg, quiet=True)
     names = sorted(result["clusters"])
     truth = [int(n.split("-")[1]) % 2 for n in names]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import FederatedData, prepare_data
+from .federated.client import WORK_ADAPTER as SELECTOR  # one adapter slot, whoever trains in it
 from .models.adapters import (
     adapter_state,
     add_adapter,
@@ -27,7 +28,6 @@ from .selector.metrics import agreement_report
 from .selector.training import planned_steps, score_pairs, train_selector
 
 log = logging.getLogger(__name__)
-SELECTOR = "selector"
 
 
 @dataclass
@@ -41,6 +41,16 @@ class Workspace:
     encoder: object
     choice_ids: tuple[int, int]
     quiet: bool = False
+    _tests: list | None = None
+
+    def test_pairs(self) -> list:
+        """The evaluation split as token ids, owned by their (partitioned) client; tokenised once per run."""
+        if self._tests is None:
+            tests = self.data.all_test()
+            self._tests = [
+                p for name, members in tests.items() for p in self.encoder.encode(members, owner=name)
+            ]
+        return self._tests
 
 
 def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
@@ -54,8 +64,7 @@ def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
 
 def evaluate(ws: Workspace, stage: str) -> dict:
     """Agreement with the human labels of the evaluation split, per client and overall."""
-    tests = ws.data.all_test()
-    pairs = [p for name, members in tests.items() for p in ws.encoder.encode(members, owner=name)]
+    pairs = ws.test_pairs()
     if not pairs:
         raise ValueError("no evaluation pairs: set data.eval_split to a split that has data")
     both = ws.cfg.eval.swap_average
@@ -162,10 +171,9 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
     from .data import ClientData
     from .federated.algorithm import Algorithm
     from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
-    from .federated.client import WORK_ADAPTER, SelectorClient
+    from .federated.client import SelectorClient
     from .federated.local_engine import LocalEngine
 
-    assert WORK_ADAPTER == SELECTOR
     run = RunDir(cfg, resume=resume, overwrite=overwrite)
     try:
         ws = open_workspace(cfg, quiet)

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fedbiscuit.config import config_from_dict
-from fedbiscuit.data.synthetic import write_planted
+from fedbiscuit.data.synthetic import planted_run_config
 from fedbiscuit.federated import client as client_mod
 from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
 from fedbiscuit.federated.client import ScoreReply, SelectorClient, TrainReply
@@ -23,34 +23,7 @@ from fedbiscuit.pipeline import run_federated
 
 
 def make_cfg(tmp_path: Path, name="fed", **fed) -> dict:
-    write_planted(tmp_path / "data")
-    raw = {
-        "name": name,
-        "output_dir": str(tmp_path / "runs"),
-        "seed": 0,
-        "pipeline": "federated",
-        "data": {
-            "source": "generic",
-            "root": str(tmp_path / "data"),
-            "columns": {"client": "client"},
-            "heldout_fraction": 0.25,
-            "max_eval_pairs_per_client": 6,
-        },
-        "model": {"name_or_path": "tiny", "device": "cpu", "lora": {"r": 4, "alpha": 8, "dropout": 0.05}},
-        "selector": {"template": "Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", "max_length": 64},
-        "train": {"lr": 1e-2, "batch_size": 4},
-        "eval": {"batch_size": 16, "before_training": False},
-        "federated": {
-            "algorithm": "fedbis",
-            "rounds": 3,
-            "clients_per_round": 3,
-            "local_steps": 2,
-            "eval_every": 100,
-            "checkpoint_every": 1,
-            **fed,
-        },
-    }
-    return raw
+    return planted_run_config(tmp_path, name, **fed)
 
 
 def _final(run_dir: Path):

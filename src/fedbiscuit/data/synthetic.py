@@ -31,3 +31,44 @@ def write_planted(folder: Path, clients: int = 8, pairs: int = 24, noise: float 
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text(text)
     return folder
+
+
+def planted_run_config(
+    folder: Path,
+    name: str,
+    *,
+    seed: int = 0,
+    lr: float = 1e-2,
+    noise: float = 0.0,
+    clients: int = 8,
+    **federated,
+) -> dict:
+    """A raw federated run config on planted data with the tiny model: writes ``folder/data`` and runs into
+    ``folder/runs``. ``federated`` keys override the defaults (a 3-round FedBis of 3 clients x 2 steps)."""
+    write_planted(folder / "data", clients=clients, noise=noise)
+    return {
+        "name": name,
+        "output_dir": str(folder / "runs"),
+        "seed": seed,
+        "pipeline": "federated",
+        "data": {
+            "source": "generic",
+            "root": str(folder / "data"),
+            "columns": {"client": "client"},
+            "heldout_fraction": 0.25,
+            "max_eval_pairs_per_client": 6,
+        },
+        "model": {"name_or_path": "tiny", "device": "cpu", "lora": {"r": 4, "alpha": 8, "dropout": 0.05}},
+        "selector": {"template": "Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", "max_length": 64},
+        "train": {"lr": lr, "batch_size": 4},
+        "eval": {"batch_size": 16, "before_training": False},
+        "federated": {
+            "algorithm": "fedbis",
+            "rounds": 3,
+            "clients_per_round": 3,
+            "local_steps": 2,
+            "eval_every": 100,
+            "checkpoint_every": 1,
+            **federated,
+        },
+    }

@@ -47,6 +47,7 @@ class LocalEngine:
     ):
         self.cfg, self.model, self.algorithm, self.run, self.quiet = cfg, model, algorithm, run, quiet
         self.clients = {c.name: c for c in clients}
+        self.encoder, self.choice_ids = clients[0].encoder, clients[0].choice_ids  # shared by all clients
         self.tests = (
             tests  # client -> encoded test pairs (simulation-side evaluation of the global selectors)
         )
@@ -122,8 +123,8 @@ class LocalEngine:
         start = time.perf_counter()
         report = evaluate_selectors(
             self.model,
-            self.clients[next(iter(self.clients))].encoder,
-            self.clients[next(iter(self.clients))].choice_ids,
+            self.encoder,
+            self.choice_ids,
             state.selectors,
             self.tests,
             state.clusters,
