@@ -197,6 +197,10 @@ class TrainConfig(_Section):
     steps: int | None = Field(default=100, ge=1)  # optimizer steps; None trains `epochs` epochs
     epochs: float | None = Field(default=None, gt=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    # Learning-rate schedule over one training run (centralized only: a federated client's few local steps
+    # keep a constant rate, as in the paper).
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
     log_every: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")
@@ -290,6 +294,15 @@ class RunConfig(_Section):
         if fedbiscuit and self.data.heldout_fraction == 0:
             raise ValueError(
                 "federated.algorithm=fedbiscuit groups clients by held-out loss: data.heldout_fraction must be > 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_is_centralized(self) -> RunConfig:
+        if self.pipeline == "federated" and self.train.schedule != "constant":
+            raise ValueError(
+                f"train.schedule={self.train.schedule!r} applies to centralized training only: "
+                "federated local steps use a constant rate"
             )
         return self
 

@@ -111,11 +111,16 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
             bar.update(1)
 
         result = train_selector(
-            ws.model, ws.encoder, train_pairs, cfg.train, ws.choice_ids, seed=cfg.seed, progress=progress
+            ws.model,
+            ws.encoder,
+            train_pairs,
+            cfg.train,
+            ws.choice_ids,
+            seed=cfg.seed,
+            progress=progress,
+            on_log=lambda h: run.log({"event": "train", **h}),
         )
         bar.close()
-        for h in result.history:
-            run.log({"event": "train", **h})
         run.log(
             {
                 "event": "train_done",

@@ -37,6 +37,16 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    """transformers' warm-up + decay schedules; None for a constant rate."""
+    if cfg.schedule == "constant" and cfg.warmup_steps == 0:
+        return None
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+
+
 def planned_steps(cfg: TrainConfig, num_pairs: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
@@ -63,15 +73,20 @@ def train_selector(
     optimizer: torch.optim.Optimizer | None = None,
     steps: int | None = None,
     progress=None,
+    on_log=None,
 ) -> TrainResult:
     """Train the active adapter for ``steps`` (default: from the config) optimizer steps.
 
-    ``progress`` is called as progress(step, total, loss) after each step (the CLI hangs a progress bar on it).
+    ``progress`` is called as progress(step, total, loss) after each step (the CLI hangs a progress bar on it);
+    ``on_log`` with each history record as it is made, every ``log_every`` steps.
     """
     if not pairs:
         raise ValueError("no training pairs")
     total = steps if steps is not None else planned_steps(cfg, len(pairs))
-    optimizer = optimizer or make_optimizer(model, cfg)
+    scheduler = None
+    if optimizer is None:  # a caller's own optimizer (federated rounds) keeps its constant rate
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -80,6 +95,9 @@ def train_selector(
     model.train()
     start = time.perf_counter()
     losses, correct, counted, seen, history = [], 0, 0, 0, []
+    # Pair-level agreement (both orders averaged) on each batch before the model steps on it: in the first
+    # epoch every pair is unseen, so this is a progressive validation curve at no extra cost.
+    pair_hits: list[float] = []
     try:
         for step in range(1, total + 1):
             optimizer.zero_grad(set_to_none=True)
@@ -96,17 +114,34 @@ def train_selector(
                     pred = logits[:, 0] > logits[:, 1]
                     correct += int((pred == (target > 0.5))[decided].sum())
                     counted += int(decided.sum())
+                    n = len(idx)
+                    margin = (logits[:n, 0] - logits[:n, 1]) - (logits[n:, 0] - logits[n:, 1])
+                    label = target[:n]
+                    hit = torch.where(margin == 0, 0.5, ((margin > 0) == (label > 0.5)).float())
+                    pair_hits.extend(hit[label != 0.5].tolist())
                 seen += len(idx)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"selector loss became {step_loss} at step {step}; lower train.lr")
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(step_loss)
             if step % cfg.log_every == 0 or step == total:
+                window = losses[-cfg.log_every :]
+                hits = pair_hits[-cfg.log_every * cfg.batch_size * cfg.grad_accum :]
                 history.append(
-                    {"step": step, "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :])}
+                    {
+                        "step": step,
+                        "loss": sum(window) / len(window),
+                        "pair_agreement": sum(hits) / len(hits) if hits else float("nan"),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "pairs_seen": seen,
+                    }
                 )
+                if on_log is not None:
+                    on_log(history[-1])
             if progress is not None:
                 progress(step, total, step_loss)
     finally:
