@@ -93,3 +93,35 @@ def test_missing_data_is_a_clear_error(config, tmp_path):
 def test_eval_without_checkpoint_is_a_clear_error(config):
     result = runner.invoke(app, ["eval", str(config), "--quiet"])
     assert result.exit_code == 2 and "selector.safetensors" in result.output
+
+
+def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp_path):
+    overrides = [
+        "pipeline=rlhf",
+        "federated.algorithm=fedbiscuit",
+        "federated.rounds=3",
+        "federated.clients_per_round=2",
+        "federated.local_steps=1",
+        "federated.fedbiscuit.num_selectors=2",
+        "federated.fedbiscuit.warmup_rounds=1",
+        "federated.fedbiscuit.regroup_every=1",
+        "federated.fedbiscuit.grouping_pairs=2",
+        "eval.before_training=false",
+        "rlhf.num_prompts=4",
+        "rlhf.eval_prompts=4",
+        "rlhf.generation.max_new_tokens=6",
+        "rlhf.dpo.batch_size=2",
+        "rlhf.best_of_n=2",
+        "rlhf.best_of_n_prompts=2",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "--quiet",
+    ]
+    result = runner.invoke(app, ["run", str(config), *overrides], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "labelled" in out and "by the first candidate" in out
+    assert "initial policy" in out and "tuned policy" in out and "best-of-2 probe" in out
+    assert "How to read this" in out and "NOT independent" in out
+    run = tmp_path / "runs" / "tiny-run"
+    assert (run / "report.md").is_file() and (run / "winrate.png").is_file() and (run / "dpo.png").is_file()
+    assert "## Phase 2" in (run / "report.md").read_text()

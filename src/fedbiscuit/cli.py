@@ -126,6 +126,57 @@ def _federated_summary(results: dict) -> None:
     )
 
 
+def _win(rep: dict) -> str:
+    lo, hi = rep["ci95"]
+    return (
+        f"{_pct(rep['win_rate'])} [{_pct(lo)}, {_pct(hi)}] "
+        f"({rep['wins']} wins, {rep['ties']} ties, {rep['losses']} losses of {rep['prompts']})"
+    )
+
+
+def _rlhf_summary(results: dict) -> None:
+    if results.get("phase1"):
+        _federated_summary(results["phase1"])
+    if "labels" in results:
+        lab = results["labels"]
+        console.print(
+            f"labelled {lab['pairs']} candidate pairs ({lab['first_won']} won by the first candidate, "
+            f"{lab['second_won']} by the second; {lab['undecided']} undecided, {lab['identical']} identical "
+            f"skipped); selectors disagreed on {_pct(lab['disagreement'])}"
+        )
+    d = results["dpo"]
+    console.print(
+        f"{results['method']}: {d['steps']} steps in {d['seconds']:.0f} s, loss {d['loss']:.4f}, "
+        f"reward accuracy {_pct(d['reward_accuracy'])}, reward margin {d['reward_margin']:+.4f}"
+    )
+    table = Table(title=f"win rate against the reference answers (judge: {results['final']['judge']})")
+    for col in ("policy", "win rate [95% CI]", "mean answer tokens"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for key in ("initial", "final"):
+        rep = results[key]
+        table.add_row(rep["label"], _win(rep), f"{rep['mean_new_tokens']:.1f}")
+    console.print(table)
+    if "best_of_n" in results:
+        b = results["best_of_n"]
+        console.print(
+            f"best-of-{b['n']} probe on {b['prompts']} prompts: the selectors' pick wins "
+            f"{_win(b['pick_vs_reference'])}; the first sample wins {_win(b['first_vs_reference'])}; "
+            f"tokens {b['pick_mean_new_tokens']:.1f} (pick) vs {b['first_mean_new_tokens']:.1f} (first)"
+        )
+    secs = results["seconds"]
+    console.print(
+        "How to read this: a win rate is judged in both orders (a prompt is a tie when the judge changes its "
+        "mind with the order); 50% means no difference from the reference. The 'initial policy' row is the "
+        "untuned model against itself: its distance from 50% is the noise at this many prompts. A pick that "
+        "wins the selectors' vote but not the judge, or answers that grow longer without winning more, are "
+        f"signs of reward hacking.\njudge: {results['judge']}\n"
+        f"time: {secs['total']:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
+        + f")\nfiles: {results['run_dir']}/ (config.yaml, metrics.jsonl, checkpoints/policy.safetensors); "
+        f"report with plots: {results['report']}"
+    )
+
+
 @app.command()
 def run(
     config: Path,
@@ -145,6 +196,9 @@ def run(
     results = _guard(lambda: run_pipeline(cfg, quiet=quiet, resume=resume, overwrite=overwrite))
     if cfg.pipeline == "federated":
         _federated_summary(results)
+        return
+    if cfg.pipeline == "rlhf":
+        _rlhf_summary(results)
         return
     stages = {k: results[k] for k in ("before", "after") if k in results}
     console.print(_agreement_table("selector agreement with human labels (evaluation split)", stages))

@@ -267,17 +267,92 @@ class FederatedConfig(_Section):
         return self
 
 
+# ------------------------------------------------------------------------------------------ phase 2
+
+
+class GenerationConfig(_Section):
+    """How the policy samples candidates (and answers for evaluation)."""
+
+    num_candidates: int = Field(default=2, ge=2)  # n per prompt; every pair of them is labelled
+    temperature: float = Field(default=0.7, gt=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    max_prompt_length: int = Field(default=256, ge=8)  # longer prompts lose their oldest tokens
+    batch_size: int = Field(default=8, ge=1)  # prompts per generate() call
+    chat_template: bool = True  # when the tokenizer has one
+
+
+class DPOConfig(_Section):
+    """DPO on the policy's own LoRA adapter; the reference is the same network with the adapter disabled."""
+
+    beta: float = Field(default=0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    lr: float = Field(default=5e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=4, ge=1)  # pairs per micro-batch
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: float = Field(default=1.0, gt=0)  # over the labelled pairs (per generation round when iterative)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=5, ge=1)
+    lora: LoraSettings = LoraSettings()
+
+
+class JudgeConfig(_Section):
+    # selector: a selector adapter (safetensors, e.g. one trained centrally on clients the policy never saw);
+    # hf: a local Hugging Face causal LM prompted as a pairwise judge; openai: an OpenAI-compatible endpoint.
+    kind: Literal["selector", "hf", "openai"] = "selector"
+    checkpoint: str | None = None  # kind=selector: the adapter file; null = the run's first phase-1 selector
+    model: str | None = None  # kind=hf: name_or_path (null: the run's base model); kind=openai: model name
+    url: str | None = None  # kind=openai; null: $OPENAI_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(default=30.0, gt=0)
+    template: str = "auto"  # the comparison template for kind=selector/hf (auto: the data source's)
+
+
+class RLHFConfig(_Section):
+    """Phase 2: label the policy's own candidates with the selectors and tune it with DPO, then evaluate."""
+
+    # selectors: the phase-1 selectors vote (a run folder given in `selectors_from`, else phase 1 of this
+    # run, as `federated` describes). feddpo / fedsft: baselines on the clients' own human pairs.
+    method: Literal["selectors", "feddpo", "fedsft"] = "selectors"
+    selectors_from: str | None = None  # a finished federated run folder; its newest checkpoint is used
+    mode: Literal["offline", "iterative"] = "offline"  # iterative regenerates from the current policy
+    iterations: int = Field(default=1, ge=1)  # generation rounds (iterative mode)
+    num_prompts: int = Field(default=64, ge=1)  # distinct training prompts, from the data's train split
+    swap_average: bool = True  # selectors score both orders of every candidate pair
+    generation: GenerationConfig = GenerationConfig()
+    dpo: DPOConfig = DPOConfig()
+    # evaluation
+    eval_prompts: int = Field(default=32, ge=1)  # distinct prompts from the evaluation split
+    reference: Literal["initial", "data"] = "initial"  # the initial policy's answers, or the data's preferred
+    judge: JudgeConfig = JudgeConfig()
+    best_of_n: int = Field(default=4, ge=0)  # 0 turns the reward-hacking probe off
+    best_of_n_prompts: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _iterations(self) -> RLHFConfig:
+        if self.mode == "offline" and self.iterations != 1:
+            raise ValueError(
+                f"rlhf.iterations={self.iterations} needs rlhf.mode=iterative (offline generates once)"
+            )
+        return self
+
+
 class RunConfig(_Section):
     name: str = Field(default="run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     output_dir: str = "runs"
     seed: int = 0
-    pipeline: Literal["centralized", "federated"] = "centralized"
+    # centralized: one selector on all data. federated: FedBis/FedBiscuit selectors. rlhf: selectors (phase 1,
+    # or a finished run's), then DPO of the policy and its evaluation (phase 2).
+    pipeline: Literal["centralized", "federated", "rlhf"] = "centralized"
     data: DataConfig = Field(default_factory=HHRLHFData)
     model: ModelConfig = ModelConfig()
     selector: SelectorConfig = SelectorConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     federated: FederatedConfig = FederatedConfig()
+    rlhf: RLHFConfig = RLHFConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -290,7 +365,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _grouping_needs_heldout(self) -> RunConfig:
-        fedbiscuit = self.pipeline == "federated" and self.federated.algorithm == "fedbiscuit"
+        fedbiscuit = self.pipeline != "centralized" and self.federated.algorithm == "fedbiscuit"
         if fedbiscuit and self.data.heldout_fraction == 0:
             raise ValueError(
                 "federated.algorithm=fedbiscuit groups clients by held-out loss: data.heldout_fraction must be > 0"
@@ -299,7 +374,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _schedule_is_centralized(self) -> RunConfig:
-        if self.pipeline == "federated" and self.train.schedule != "constant":
+        if self.pipeline != "centralized" and self.train.schedule != "constant":
             raise ValueError(
                 f"train.schedule={self.train.schedule!r} applies to centralized training only: "
                 "federated local steps use a constant rate"

@@ -173,72 +173,79 @@ def initial_selectors(model, names: list[str], cfg: RunConfig) -> dict:
 
 
 def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    run = RunDir(cfg, resume=resume, overwrite=overwrite)
+    try:
+        ws = open_workspace(cfg, quiet)
+        _, summary = train_federated(ws, run, resume)
+        return summary
+    finally:
+        run.close()
+
+
+def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
+    """Phase 1 in ``run``: FedBis / FedBiscuit / a baseline on the local engine. (final ServerState, summary)"""
     from .data import ClientData
     from .federated.algorithm import Algorithm
     from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
     from .federated.client import SelectorClient
     from .federated.local_engine import LocalEngine
 
-    run = RunDir(cfg, resume=resume, overwrite=overwrite)
-    try:
-        ws = open_workspace(cfg, quiet)
-        data = ws.data
-        client_data = list(data.clients.values())
-        if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
-            client_data = [ClientData("all", data.all_train(), [p for c in client_data for p in c.heldout])]
-        empty = [c.name for c in client_data if not c.train]
-        if empty:
-            raise ValueError(f"clients with no training pairs: {empty}")
-        clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
-        algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
-        tests = {name: ws.encoder.encode(pairs, owner=name) for name, pairs in data.all_test().items()}
-        if cfg.federated.algorithm == "local" and not set(tests) & {c.name for c in clients}:
-            raise ValueError(
-                "the local baseline scores each client's own selector on that client's test pairs, but no "
-                "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
-            )
-        engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
-        checkpoints = list_checkpoints(run.checkpoints)
-        if resume and checkpoints:
-            state = load_checkpoint(checkpoints[-1])
-            for c in clients:
-                c.optimizer_state = state.optimizer_states.get(c.name)
-            run.truncate_metrics(state.round)
-            log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
-        else:
-            if resume:
-                run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
-            state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
-            run.log(
-                {
-                    "event": "data",
-                    "round": -1,
-                    "clients": {c.name: len(c.data.train) for c in clients},
-                    "dropped": dict(data.report.dropped),
-                    "notes": data.report.notes,
-                }
-            )
-            if cfg.eval.before_training:
-                engine.evaluate(state, 0)
-        state = engine.run_rounds(state)
-        records = run.records()  # the whole run, also the part before a resume
-        evals = [r for r in records if r["event"] == "eval"]
-        faults = Counter(
-            reason.split(":")[0].split(" (")[0]
-            for r in records
-            if r["event"] == "round"
-            for reason in r["rejected"].values()
+    cfg, data, quiet = ws.cfg, ws.data, ws.quiet
+    client_data = list(data.clients.values())
+    if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
+        client_data = [ClientData("all", data.all_train(), [p for c in client_data for p in c.heldout])]
+    empty = [c.name for c in client_data if not c.train]
+    if empty:
+        raise ValueError(f"clients with no training pairs: {empty}")
+    clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
+    algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
+    tests = {name: ws.encoder.encode(pairs, owner=name) for name, pairs in data.all_test().items()}
+    if cfg.federated.algorithm == "local" and not set(tests) & {c.name for c in clients}:
+        raise ValueError(
+            "the local baseline scores each client's own selector on that client's test pairs, but no "
+            "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
         )
-        return {
-            "run_dir": str(run.path),
-            "rounds": state.round,
-            "clusters": state.clusters,
-            "faults": dict(faults),
-            "final": evals[-1] if evals else None,
-            "first": evals[0] if evals else None,
-        }
-    finally:
-        run.close()
+    engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
+    checkpoints = list_checkpoints(run.checkpoints)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1])
+        for c in clients:
+            c.optimizer_state = state.optimizer_states.get(c.name)
+        run.truncate_metrics(state.round)
+        log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
+    else:
+        if resume:
+            run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
+        state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
+        run.log(
+            {
+                "event": "data",
+                "round": -1,
+                "clients": {c.name: len(c.data.train) for c in clients},
+                "dropped": dict(data.report.dropped),
+                "notes": data.report.notes,
+            }
+        )
+        if cfg.eval.before_training:
+            engine.evaluate(state, 0)
+    state = engine.run_rounds(state)
+    records = run.records()  # the whole run, also the part before a resume
+    evals = [r for r in records if r["event"] == "eval" and "round" in r]
+    faults = Counter(
+        reason.split(":")[0].split(" (")[0]
+        for r in records
+        if r["event"] == "round"
+        for reason in r["rejected"].values()
+    )
+    summary = {
+        "run_dir": str(run.path),
+        "rounds": state.round,
+        "clusters": state.clusters,
+        "faults": dict(faults),
+        "final": evals[-1] if evals else None,
+        "first": evals[0] if evals else None,
+    }
+    return state, summary
 
 
 def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
@@ -248,4 +255,8 @@ def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bo
         return run_centralized(cfg, quiet, overwrite)
     if cfg.pipeline == "federated":
         return run_federated(cfg, quiet, resume, overwrite)
+    if cfg.pipeline == "rlhf":
+        from .rlhf.phase2 import run_rlhf
+
+        return run_rlhf(cfg, quiet, resume, overwrite)
     raise ValueError(f"unknown pipeline {cfg.pipeline!r}")

@@ -69,7 +69,86 @@ def summarize(run_dir: Path) -> dict:
         "round_seconds": sum(r["seconds"] for r in rounds),
         "client_seconds": sum(r["client_seconds"] for r in rounds),
         "rejected": sum(len(r["rejected"]) for r in rounds),
+        "dpo": [r for r in records if r["event"] == "dpo"],
+        "winrate": [r for r in records if r["event"] == "winrate"],
+        "best_of_n": next((r for r in records if r["event"] == "best_of_n"), None),
     }
+
+
+def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
+    """DPO loss and reward margin against step; win rate (with its 95% interval) and answer length against
+    checkpoint. Returns the report's Markdown lines for phase 2 (none if no run has one)."""
+    tuned = [r for r in runs if r["winrate"]]
+    if not tuned:
+        return []
+    fig, (loss_ax, margin_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in tuned:
+        if run["dpo"]:
+            steps = [d["step"] for d in run["dpo"]]
+            loss_ax.plot(steps, [d["loss"] for d in run["dpo"]], label=run["name"])
+            margin_ax.plot(steps, [d["reward_margin"] for d in run["dpo"]], label=run["name"])
+    loss_ax.set(xlabel="DPO step", ylabel="loss", title="DPO loss")
+    margin_ax.axhline(0, color="grey", lw=0.8, ls="--")
+    margin_ax.set(xlabel="DPO step", ylabel="chosen - rejected reward", title="reward margin")
+    if loss_ax.get_legend_handles_labels()[0]:
+        loss_ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "dpo.png", dpi=120)
+    plt.close(fig)
+
+    fig, (win_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in tuned:
+        w = run["winrate"]
+        xs = [r["label"] for r in w]
+        ys = [100 * r["win_rate"] for r in w]
+        err = [
+            [100 * (r["win_rate"] - r["ci95"][0]) for r in w],
+            [100 * (r["ci95"][1] - r["win_rate"]) for r in w],
+        ]
+        win_ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=run["name"])
+        len_ax.plot(xs, [r["mean_new_tokens"] for r in w], marker="o", label=run["name"])
+    win_ax.axhline(50, color="grey", lw=0.8, ls="--")
+    win_ax.set(ylabel="win rate vs reference (%)", title="win rate by checkpoint (95% CI)")
+    len_ax.set(ylabel="mean answer tokens", title="answer length by checkpoint")
+    win_ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "winrate.png", dpi=120)
+    plt.close(fig)
+
+    lines = [
+        "",
+        "## Phase 2",
+        "",
+        "| run | checkpoint | judge | win rate | 95% CI | wins / ties / losses | answer tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in tuned:
+        for r in run["winrate"]:
+            lines.append(
+                f"| {run['name']} | {r['label']} | {r['judge']} | {_pct(r['win_rate'])} | "
+                f"{_pct(r['ci95'][0])} to {_pct(r['ci95'][1])} | {r['wins']} / {r['ties']} / {r['losses']} | "
+                f"{r['mean_new_tokens']:.1f} |"
+            )
+    for run in tuned:
+        b = run["best_of_n"]
+        if b:
+            lines.append(
+                f"\n{run['name']}: best-of-{b['n']} on {b['prompts']} prompts: the selectors' pick wins "
+                f"{_pct(b['pick_vs_reference']['win_rate'])}, the first sample {_pct(b['first_vs_reference']['win_rate'])}; "
+                f"answer tokens {b['pick_mean_new_tokens']:.1f} vs {b['first_mean_new_tokens']:.1f}."
+            )
+    lines += [
+        "",
+        "A prompt is a win when the judge prefers the policy's answer in both presentation orders, a loss when it "
+        "prefers the reference in both, a tie otherwise; win rate = (wins + ties/2) / prompts. 'initial policy' "
+        "is the untuned model against the reference: its distance from 50% is the noise at this many prompts. "
+        "Longer answers without a higher win rate, or best-of-n picks that lose to the first sample, are signs "
+        "of reward hacking.",
+        "",
+        "![dpo](dpo.png)",
+        "![winrate](winrate.png)",
+    ]
+    return lines
 
 
 def _pct(x) -> str:
@@ -93,7 +172,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         ylabel="agreement with human labels (%)",
         title="selector agreement on the evaluation split",
     )
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "agreement.png", dpi=120)
     plt.close(fig)
@@ -142,6 +222,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     ]
     if clustered:
         lines.append("![clusters](clusters.png)")
+    lines += _phase2(runs, out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,247 @@
+"""DPO on the policy's LoRA adapter; the reference is the same network with the adapter switched off.
+
+We own the loop rather than run trl's DPOTrainer (benchmarks/phase2_cost.py measures both) for three reasons:
+the reference log-probabilities are computed once per pair up front (the reference never changes, so each
+step runs one forward pass instead of two); the full-vocabulary logits are computed only at response tokens,
+not over the prompt; and texts are tokenised once. The loss is the paper's (sigmoid) or IPO, on summed
+log-probabilities of the response tokens, and is tested against values computed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DPOConfig, GenerationConfig
+from .generation import render_prompt
+
+
+@dataclass(slots=True)
+class EncodedPreference:
+    prompt: list[int]
+    chosen: list[int]  # ends with EOS: the policy learns where to stop too
+    rejected: list[int]
+
+
+@dataclass
+class DPOResult:
+    steps: int
+    loss: float
+    reward_accuracy: float
+    margin: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def encode_preferences(
+    tokenizer, pairs, gen: GenerationConfig, max_response_tokens: int | None = None
+) -> list[EncodedPreference]:
+    """Prompt (rendered as the policy saw it) and both responses as token ids, each text tokenised once.
+
+    ``pairs`` are objects with .prompt, .chosen, .rejected (labelled candidates or human pairs)."""
+    if not pairs:
+        return []
+    limit = max_response_tokens or gen.max_new_tokens
+    prompts = tokenizer(
+        [render_prompt(tokenizer, p.prompt, gen.chat_template) for p in pairs], add_special_tokens=False
+    ).input_ids
+    chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False).input_ids
+    rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False).input_ids
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [
+        EncodedPreference(pr[-gen.max_prompt_length :], c[:limit] + eos, r[:limit] + eos)
+        for pr, c, r in zip(prompts, chosen, rejected, strict=True)
+    ]
+
+
+def response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Sum of log p(response token | everything before it), per sequence.
+
+    The 49k-wide output layer is applied only at the positions that predict response tokens.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(model.parameters()).device
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        for t in range(len(p), len(s)):  # hidden state at t-1 predicts token t
+            rows.append(i)
+            cols.append(t - 1)
+            targets.append(s[t])
+    hidden = base.get_decoder()(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+    ).last_hidden_state
+    rows_t = torch.tensor(rows, device=device)
+    h = hidden[rows_t, torch.tensor(cols, device=device)]
+    logits = base.get_output_embeddings()(h).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    token_logp = logits.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    return torch.zeros(len(seqs), device=device, dtype=token_logp.dtype).index_add(0, rows_t, token_logp)
+
+
+def pair_logps(model, batch: list[EncodedPreference], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probabilities, both in one forward pass."""
+    prompts = [p.prompt for p in batch] * 2
+    responses = [p.chosen for p in batch] + [p.rejected for p in batch]
+    out = response_logps(model, prompts, responses, pad_id)
+    return out[: len(batch)], out[len(batch) :]
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair loss, chosen reward, rejected reward); rewards are beta * (policy - reference) log-ratios.
+
+    sigmoid (Rafailov et al.): -log sigmoid(beta * (dc - dr)); IPO (Azar et al.): (dc - dr - 1/(2 beta))^2,
+    with dc, dr the policy-minus-reference log-ratios of the chosen and rejected responses.
+    """
+    dc, dr = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * (dc - dr))
+    elif kind == "ipo":
+        loss = (dc - dr - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}: use sigmoid or ipo")
+    return loss, beta * dc.detach(), beta * dr.detach()
+
+
+@torch.no_grad()
+def reference_logps(model, prefs: list[EncodedPreference], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) log-probabilities under the reference: the base with every adapter disabled."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(prefs), 2)
+    try:
+        with model.disable_adapter():
+            for i in range(0, len(prefs), batch_size):
+                c, r = pair_logps(model, prefs[i : i + batch_size], pad_id)
+                out[i : i + batch_size, 0], out[i : i + batch_size, 1] = c.cpu(), r.cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def adapter_parameters(model, adapter: str) -> list[torch.nn.Parameter]:
+    params = [p for n, p in model.named_parameters() if f".{adapter}." in n]
+    if not params:
+        raise ValueError(f"the model has no adapter named {adapter!r}")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def make_dpo_optimizer(model, adapter: str, cfg: DPOConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        adapter_parameters(model, adapter), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )
+
+
+def dpo_steps(cfg: DPOConfig, num_pairs: int) -> int:
+    return max(1, math.ceil(cfg.epochs * num_pairs / (cfg.batch_size * cfg.grad_accum)))
+
+
+def train_dpo(
+    model,
+    adapter: str,
+    prefs: list[EncodedPreference],
+    ref: torch.Tensor,
+    cfg: DPOConfig,
+    pad_id: int,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress=None,
+    on_log=None,
+    sft: bool = False,
+) -> DPOResult:
+    """Train ``adapter`` on ``prefs`` with DPO (``ref`` from reference_logps), or, with ``sft``, on the
+    chosen responses with the usual next-token loss (the federated SFT baseline; ``ref`` unused)."""
+    if not prefs:
+        raise ValueError("no preference pairs to train on")
+    total = steps or dpo_steps(cfg, len(prefs))
+    model.set_adapter(adapter)
+    optimizer = optimizer or make_dpo_optimizer(model, adapter, cfg)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    was_training = model.training
+    model.train()
+    start, losses, hits, margins, history = time.perf_counter(), [], [], [], []
+    window = {"loss": [], "margin": [], "acc": [], "chosen": [], "rejected": []}
+    try:
+        for step in range(1, total + 1):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                if len(order) < cfg.batch_size:
+                    order += torch.randperm(len(prefs), generator=generator).tolist()
+                idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                batch = [prefs[i] for i in idx]
+                if sft:
+                    logp = response_logps(model, [p.prompt for p in batch], [p.chosen for p in batch], pad_id)
+                    loss = -(logp / torch.tensor([len(p.chosen) for p in batch], device=logp.device)).mean()
+                    chosen_r = rejected_r = torch.zeros(len(batch))
+                else:
+                    pc, pr = pair_logps(model, batch, pad_id)
+                    r = ref[idx].to(pc.device)
+                    per_pair, chosen_r, rejected_r = dpo_loss(pc, pr, r[:, 0], r[:, 1], cfg.beta, cfg.loss)
+                    loss = per_pair.mean()
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                margin = (chosen_r - rejected_r).cpu()
+                window["margin"] += margin.tolist()
+                window["acc"] += (margin > 0).float().tolist()
+                window["chosen"] += chosen_r.cpu().tolist()
+                window["rejected"] += rejected_r.cpu().tolist()
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"DPO loss became {step_loss} at step {step}; lower rlhf.dpo.lr")
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(step_loss)
+            window["loss"].append(step_loss)
+            margins += window["margin"][-cfg.batch_size * cfg.grad_accum :]
+            hits += window["acc"][-cfg.batch_size * cfg.grad_accum :]
+            if step % cfg.log_every == 0 or step == total:
+                record = {"step": step} | {k: sum(v) / len(v) for k, v in window.items() if v}
+                record = {
+                    "step": step,
+                    "loss": record["loss"],
+                    "reward_margin": record["margin"],
+                    "reward_accuracy": record["acc"],
+                    "chosen_reward": record["chosen"],
+                    "rejected_reward": record["rejected"],
+                }
+                history.append(record)
+                if on_log is not None:
+                    on_log(record)
+                window = {k: [] for k in window}
+            if progress is not None:
+                progress(step, total, step_loss)
+    finally:
+        model.train(was_training)
+    return DPOResult(
+        steps=total,
+        loss=sum(losses) / len(losses),
+        reward_accuracy=sum(hits) / len(hits),
+        margin=sum(margins) / len(margins),
+        seconds=time.perf_counter() - start,
+        history=history,
+    )

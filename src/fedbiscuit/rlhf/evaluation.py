@@ -1,0 +1,72 @@
+"""Win rate against a reference, judged in both orders, and the best-of-n probe for reward hacking.
+
+A prompt is a win when the judge prefers the policy's answer in both orders, a loss when it prefers the
+reference in both, and a tie otherwise (the judge changed its mind with the order, or the texts are equal).
+Win rate = (wins + ties / 2) / prompts, with a normal-approximation 95% interval over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .judges import Judge
+
+
+def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: list[str]) -> dict:
+    if not prompts:
+        raise ValueError("no prompts to judge")
+    shown_first = judge.prefer(prompts, answers, reference)  # P(policy better), policy shown first
+    shown_second = judge.prefer(prompts, reference, answers)  # P(reference better), policy shown second
+    scores, wins, losses, ties, identical = [], 0, 0, 0, 0
+    for a, r, p1, p2 in zip(answers, reference, shown_first, shown_second, strict=True):
+        if a == r:
+            identical += 1
+            ties += 1
+            scores.append(0.5)
+        elif p1 > 0.5 and p2 < 0.5:
+            wins += 1
+            scores.append(1.0)
+        elif p1 < 0.5 and p2 > 0.5:
+            losses += 1
+            scores.append(0.0)
+        else:
+            ties += 1
+            scores.append(0.5)
+    n = len(scores)
+    mean = sum(scores) / n
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    prob = sum((p1 + 1.0 - p2) / 2 for p1, p2 in zip(shown_first, shown_second, strict=True)) / n
+    return {
+        "judge": judge.name,
+        "prompts": n,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "identical": identical,
+        "win_rate": mean,
+        "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+        "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
+    }
+
+
+def knockout(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> list[int]:
+    """Index of each prompt's knockout winner: candidates meet in pairs, winners advance (a bye for an odd one
+    out). One judge call per level, batched across prompts. Undecided meetings go to the earlier candidate."""
+    alive = [list(range(len(c))) for c in candidates]
+    while any(len(a) > 1 for a in alive):
+        meetings = []  # (prompt index, i, j)
+        for k, a in enumerate(alive):
+            meetings += [(k, a[m], a[m + 1]) for m in range(0, len(a) - 1, 2)]
+        probs = judge.prefer(
+            [prompts[k] for k, _, _ in meetings],
+            [candidates[k][i] for k, i, _ in meetings],
+            [candidates[k][j] for k, _, j in meetings],
+        )
+        winners: dict[int, list[int]] = {k: [] for k in range(len(alive))}
+        for (k, i, j), p in zip(meetings, probs, strict=True):
+            winners[k].append(i if p >= 0.5 else j)
+        alive = [
+            winners[k] + ([a[-1]] if len(a) % 2 else []) if len(a) > 1 else a for k, a in enumerate(alive)
+        ]
+    return [a[0] for a in alive]

@@ -1,0 +1,175 @@
+"""Pairwise judges: given prompts and two answers each, P(first answer better) in the order shown.
+
+- SelectorJudge: a selector adapter on a causal LM (one trained on data the policy never saw), or the bare
+  model prompted with the comparison template (the "local Hugging Face judge");
+- VoteJudge: the K phase-1 selectors' majority vote (what labels the DPO pairs and picks best-of-n);
+- OpenAIJudge: any OpenAI-compatible chat endpoint, asked for a single letter.
+Callers show both orders themselves (see evaluation.py) so every judge's position bias cancels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Protocol
+
+import torch
+
+from ..data.pairs import Comparison
+from ..models.adapters import AdapterState, load_adapter_state
+from ..selector.training import score_pairs
+from .labelling import vote
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+class Judge(Protocol):
+    name: str
+
+    def prefer(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]: ...
+
+
+def _comparisons(prompts, first, second) -> list[Comparison]:
+    return [
+        Comparison(p, a, b, 0.5, "judge", "judge") for p, a, b in zip(prompts, first, second, strict=True)
+    ]
+
+
+class SelectorJudge:
+    """A selector (adapter ``state`` loaded into ``slot``) or, with state None, the model with adapters off."""
+
+    def __init__(
+        self,
+        model,
+        encoder,
+        choice_ids,
+        state: AdapterState | None,
+        slot: str | None,
+        name: str,
+        batch_size: int = 16,
+    ):
+        self.model, self.encoder, self.choice_ids = model, encoder, choice_ids
+        self.state, self.slot, self.name, self.batch_size = state, slot, name, batch_size
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        encoded = self.encoder.encode(_comparisons(prompts, first, second))
+        if self.state is None:
+            ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else _Null()
+        else:
+            load_adapter_state(self.model, self.slot, self.state, where=f"judge {self.name}")
+            self.model.set_adapter(self.slot)
+            ctx = _Null()
+        with ctx:
+            p, _ = score_pairs(
+                self.model, self.encoder, encoded, self.choice_ids, self.batch_size, both_orders=False
+            )
+        return p.tolist()
+
+
+class VoteJudge:
+    """The selectors' majority vote (swap-averaged per selector): 1.0 / 0.0 for a decided pair, 0.5 if not."""
+
+    def __init__(
+        self,
+        model,
+        encoder,
+        choice_ids,
+        selectors: dict[str, AdapterState],
+        slot: str,
+        swap_average: bool = True,
+        batch_size: int = 16,
+        name: str = "selectors",
+    ):
+        self.model, self.encoder, self.choice_ids = model, encoder, choice_ids
+        self.selectors, self.slot, self.swap_average = selectors, slot, swap_average
+        self.batch_size, self.name = batch_size, name
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        encoded = self.encoder.encode(_comparisons(prompts, first, second))
+        rows = []
+        for name, state in self.selectors.items():
+            load_adapter_state(self.model, self.slot, state, where=f"selector {name}")
+            self.model.set_adapter(self.slot)
+            p_ab, p_ba = score_pairs(
+                self.model, self.encoder, encoded, self.choice_ids, self.batch_size, self.swap_average
+            )
+            rows.append((p_ab + 1.0 - p_ba) / 2 if self.swap_average else p_ab)
+        first_won, decided = vote(torch.stack(rows))
+        return torch.where(decided, first_won.float(), torch.tensor(0.5)).tolist()
+
+
+JUDGE_PROMPT = (
+    "You compare two answers to the same request and say which one a careful, honest and helpful assistant "
+    "would give.\n\nRequest:\n{prompt}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+    "Which answer is better? Reply with the single letter A or B."
+)
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible /chat/completions endpoint; the reply's first standalone A or B is the verdict."""
+
+    def __init__(
+        self, url: str | None, model: str | None, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0
+    ):
+        url = url or os.environ.get("OPENAI_BASE_URL")
+        if not url:
+            raise JudgeError(
+                "rlhf.judge.kind=openai needs rlhf.judge.url (or $OPENAI_BASE_URL), e.g. http://host:8000/v1"
+            )
+        if not model:
+            raise JudgeError("rlhf.judge.kind=openai needs rlhf.judge.model, the endpoint's model name")
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
+        self.name = f"openai:{model}"
+        self.unparsed = 0
+
+    def _ask(self, prompt: str, a: str, b: str) -> float:
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)}],
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                reply = json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            hint = f" (is ${self.api_key_env} set?)" if err.code in (401, 403) else ""
+            raise JudgeError(f"judge endpoint {self.url} answered HTTP {err.code}{hint}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            reason = getattr(err, "reason", err)
+            raise JudgeError(
+                f"cannot reach the judge endpoint {self.url} ({reason}; timeout {self.timeout_s} s): "
+                "check rlhf.judge.url / $OPENAI_BASE_URL, or use rlhf.judge.kind=selector"
+            ) from None
+        try:
+            text = reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"judge endpoint {self.url} returned no choices[0].message.content") from None
+        for token in text.replace(".", " ").replace(":", " ").split():
+            if token.upper() in ("A", "B"):
+                return 1.0 if token.upper() == "A" else 0.0
+        self.unparsed += 1
+        return 0.5
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return [self._ask(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,361 @@
+"""Phase 2, top to bottom: selectors -> candidates -> votes -> DPO -> win rate and the best-of-n probe.
+
+One base model carries every adapter: the selector slot (each of the K selectors is loaded into it in turn),
+the policy, and, when the judge is a saved selector, a judge slot. The DPO reference is that same base with
+all adapters disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import LoraSettings, ModelConfig, RunConfig
+from ..data.pairs import prompt_hash
+from ..federated.checkpoint import list_checkpoints, load_checkpoint
+from ..models.adapters import (
+    adapter_state,
+    add_adapter,
+    load_adapter_state,
+    lora_metadata,
+    read_adapter,
+    save_adapter,
+)
+from ..models.loading import cache_root, load_model
+from ..pipeline import SELECTOR, Workspace, open_workspace, train_federated
+from ..runs import RunDir
+from ..selector import build_encoder
+from .baselines import POLICY, PolicyClient, PolicyEngine
+from .dpo import DPOResult, dpo_steps, encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
+from .evaluation import knockout, win_rate
+from .generation import sample
+from .judges import OpenAIJudge, SelectorJudge, VoteJudge
+from .labelling import label_candidates
+
+log = logging.getLogger(__name__)
+JUDGE = "judge"
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def load_selectors(run_dir: str | Path) -> dict:
+    """The selectors of a finished federated run: its newest checkpoint."""
+    folder = Path(run_dir) / "checkpoints"
+    found = list_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(
+            f"rlhf.selectors_from={run_dir}: no round-*.safetensors checkpoint in {folder}"
+        )
+    return load_checkpoint(found[-1]).selectors
+
+
+def choose_prompts(ws: Workspace) -> tuple[list[str], list[str], list[str]]:
+    """(training prompts, evaluation prompts, the data's preferred answer to each evaluation prompt).
+
+    Distinct prompts in a fixed order (by hash), training ones from the train split, evaluation ones from the
+    evaluation split and never among the training prompts."""
+    rl = ws.cfg.rlhf
+    train = sorted({p.prompt for p in ws.data.all_train()}, key=prompt_hash)[: rl.num_prompts]
+    seen = set(train)
+    preferred: dict[str, str] = {}
+    for pairs in ws.data.all_test().values():
+        for p in pairs:
+            if p.prompt not in seen and p.hard_label is not None:
+                preferred.setdefault(p.prompt, p.response_a if p.hard_label == 1 else p.response_b)
+    if not preferred:
+        raise ValueError("no evaluation prompts: set data.eval_split to a split with hard-labelled pairs")
+    evals = sorted(preferred, key=prompt_hash)[: rl.eval_prompts]
+    return train, evals, [preferred[p] for p in evals]
+
+
+def build_judge(ws: Workspace, selectors: dict | None):
+    """(judge, note on its independence)."""
+    j, cfg = ws.cfg.rlhf.judge, ws.cfg
+    if j.kind == "openai":
+        return OpenAIJudge(j.url, j.model, j.api_key_env, j.timeout_s), "an external model"
+    if j.kind == "hf":
+        if j.model is None:  # the run's own base model, adapters off, prompted with the comparison template
+            encoder, choice_ids = _encoder(ws.tokenizer, ws)
+            return SelectorJudge(
+                ws.model, encoder, choice_ids, None, None, "base model"
+            ), "the untuned base model"
+        model, tokenizer = load_model(
+            ModelConfig(name_or_path=j.model, dtype=cfg.model.dtype, device=cfg.model.device)
+        )
+        encoder, choice_ids = _encoder(tokenizer, ws)
+        return SelectorJudge(model, encoder, choice_ids, None, None, j.model), f"{j.model}, untuned"
+    if j.checkpoint:
+        state, meta = read_adapter(j.checkpoint)
+        lora = LoraSettings(**json.loads(meta["lora"])) if "lora" in meta else cfg.model.lora
+        if JUDGE not in ws.model.peft_config:
+            ws.model = add_adapter(ws.model, JUDGE, lora, seed=0)
+        encoder, choice_ids = _encoder(ws.tokenizer, ws)
+        return SelectorJudge(ws.model, encoder, choice_ids, state, JUDGE, f"selector {j.checkpoint}"), (
+            f"the selector in {j.checkpoint}"
+        )
+    if not selectors:
+        raise ValueError(
+            "rlhf.judge.kind=selector needs rlhf.judge.checkpoint when there are no phase-1 selectors"
+        )
+    name, state = next(iter(selectors.items()))
+    return SelectorJudge(ws.model, ws.encoder, ws.choice_ids, state, SELECTOR, name), (
+        f"phase-1 {name}: NOT independent (it also labelled the training pairs); set rlhf.judge.checkpoint to a "
+        "selector trained on data the policy never saw"
+    )
+
+
+def _encoder(tokenizer, ws: Workspace):
+    template = ws.cfg.rlhf.judge.template
+    sel = ws.cfg.selector if template == "auto" else ws.cfg.selector.model_copy(update={"template": template})
+    return build_encoder(tokenizer, sel, ws.cfg.data.source)
+
+
+# ------------------------------------------------------------------------------------------ phase 2
+def run_rlhf(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    run = RunDir(cfg, resume=resume, overwrite=overwrite)
+    try:
+        ws = open_workspace(cfg, quiet)
+        summary = Phase2(ws, run).run(resume)
+        from ..report import write_report
+
+        summary["report"] = str(write_report([run.path], run.path))
+        return summary
+    finally:
+        run.close()
+
+
+class Phase2:
+    def __init__(self, ws: Workspace, run: RunDir):
+        self.ws, self.rundir, self.cfg, self.rl = ws, run, ws.cfg, ws.cfg.rlhf
+        tok = ws.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.cache = cache_root(self.cfg.model) / "candidates"
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, key: str, start: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def _sample(self, prompts, adapter, seed, n=None, desc="generate"):
+        start = time.perf_counter()
+        out = sample(
+            self.ws.model,
+            self.ws.tokenizer,
+            prompts,
+            self.rl.generation,
+            n=n,
+            adapter=adapter,
+            seed=seed,
+            cache_dir=self.cache,
+            quiet=self.ws.quiet,
+            desc=desc,
+        )
+        self._timed("generation", start)
+        self.rundir.log(
+            {
+                "event": "generation",
+                "desc": desc,
+                "prompts": len(prompts),
+                "n": n or self.rl.generation.num_candidates,
+                "mean_new_tokens": out.mean_length(),
+                "from_cache": out.from_cache,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        return out
+
+    def run(self, resume: bool = False) -> dict:
+        cfg, rl, ws = self.cfg, self.rl, self.ws
+        summary: dict = {"run_dir": str(self.rundir.path), "method": rl.method}
+        start = time.perf_counter()
+        selectors = None
+        if rl.method == "selectors":
+            if rl.selectors_from:
+                selectors = load_selectors(rl.selectors_from)
+                self.rundir.log({"event": "selectors", "from": rl.selectors_from, "names": list(selectors)})
+            else:
+                state, summary["phase1"] = train_federated(ws, self.rundir, resume)
+                selectors = state.selectors
+        self._timed("phase1", start)
+        ws.model = add_adapter(ws.model, POLICY, rl.dpo.lora, seed=cfg.seed)
+        train_prompts, eval_prompts, data_refs = choose_prompts(ws)
+
+        # evaluation references: the initial policy's answers (adapters off) or the data's preferred answers
+        if rl.reference == "initial":
+            refs = self._sample(eval_prompts, None, cfg.seed + 500, n=1, desc="reference answers")
+            reference, ref_len = [r[0] for r in refs.texts], refs.mean_length()
+        else:
+            reference, ref_len = data_refs, None
+        judge, judge_note = build_judge(ws, selectors)
+        summary["judge"] = judge_note
+        curve = [self._win_rate(judge, eval_prompts, reference, None, -1, "initial policy")]
+
+        if rl.method == "selectors":
+            optimizer = make_dpo_optimizer(ws.model, POLICY, rl.dpo)  # one optimizer across iterations
+            step0 = 0
+            for it in range(rl.iterations):
+                adapter = None if it == 0 else POLICY  # the initial policy is the base: share its cache
+                cands = self._sample(
+                    train_prompts, adapter, cfg.seed + it, desc=f"candidates ({it + 1}/{rl.iterations})"
+                )
+                t = time.perf_counter()
+                labels = label_candidates(
+                    ws.model,
+                    ws.encoder,
+                    ws.choice_ids,
+                    selectors,
+                    cands,
+                    slot=SELECTOR,
+                    swap_average=rl.swap_average,
+                    batch_size=cfg.eval.batch_size,
+                )
+                self._timed("labelling", t)
+                self.rundir.log(
+                    {
+                        "event": "labels",
+                        "iteration": it,
+                        **labels.summary(),
+                        "seconds": time.perf_counter() - t,
+                    }
+                )
+                if not labels.pairs:
+                    raise ValueError(
+                        "the selectors decided no candidate pair: nothing to train the policy on"
+                    )
+                result = self._dpo(labels.pairs, optimizer, it, step0)
+                step0 += result.steps
+                self._save_policy(f"policy-iter{it}")
+                if rl.mode == "iterative" and it < rl.iterations - 1:
+                    curve.append(
+                        self._win_rate(judge, eval_prompts, reference, POLICY, it, f"iteration {it + 1}")
+                    )
+                summary["labels"] = labels.summary()
+        else:
+            result = self._baseline()
+        summary["dpo"] = {
+            "steps": result.steps,
+            "loss": result.loss,
+            "reward_accuracy": result.reward_accuracy,
+            "reward_margin": result.margin,
+            "seconds": result.seconds,
+        }
+        path = self._save_policy("policy")
+        curve.append(self._win_rate(judge, eval_prompts, reference, POLICY, rl.iterations, "tuned policy"))
+        summary["initial"], summary["final"] = curve[0], curve[-1]
+        summary["reference_mean_new_tokens"] = ref_len
+        if rl.best_of_n and selectors:
+            summary["best_of_n"] = self._best_of_n(judge, selectors, eval_prompts, reference)
+        summary["policy_checkpoint"] = str(path)
+        summary["seconds"] = dict(self.timings, total=time.perf_counter() - start)
+        self.rundir.log({"event": "phase2_done", **{k: v for k, v in summary.items() if k != "phase1"}})
+        return summary
+
+    # -------------------------------------------------------------------------------- pieces
+    def _dpo(self, pairs, optimizer, iteration: int, step0: int):
+        ws, rl = self.ws, self.rl
+        t = time.perf_counter()
+        prefs = encode_preferences(ws.tokenizer, pairs, rl.generation)
+        ref = reference_logps(ws.model, prefs, self.pad_id, batch_size=rl.dpo.batch_size)
+        self._timed("reference", t)
+        t = time.perf_counter()
+        bar = tqdm(total=dpo_steps(rl.dpo, len(prefs)), desc="DPO", unit="step", disable=ws.quiet)
+        result = train_dpo(
+            ws.model,
+            POLICY,
+            prefs,
+            ref,
+            rl.dpo,
+            self.pad_id,
+            seed=self.cfg.seed + iteration,
+            optimizer=optimizer,
+            progress=lambda s, total, loss: (bar.set_postfix(loss=f"{loss:.4f}"), bar.update(1)),
+            on_log=lambda h: self.rundir.log(
+                {"event": "dpo", "iteration": iteration, **h, "step": step0 + h["step"]}
+            ),
+        )
+        bar.close()
+        self._timed("dpo", t)
+        return result
+
+    def _baseline(self):
+        """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine)."""
+        from ..federated.algorithm import Algorithm
+        from ..federated.checkpoint import ServerState
+
+        ws, cfg = self.ws, self.cfg
+        fed = cfg.federated.model_copy(update={"algorithm": "fedbis"})
+        run_cfg = cfg.model_copy(update={"federated": fed})
+        clients = [
+            PolicyClient(i, c, ws.tokenizer, cfg, sft=self.rl.method == "fedsft")
+            for i, c in enumerate(ws.data.clients.values())
+        ]
+        algorithm = Algorithm(fed, [c.name for c in clients], cfg.seed)
+        engine = PolicyEngine(run_cfg, ws.model, clients, algorithm, self.rundir, {}, ws.quiet)
+        t = time.perf_counter()
+        state = engine.run_rounds(ServerState(0, {"selector-0": adapter_state(ws.model, POLICY)}))
+        load_adapter_state(ws.model, POLICY, state.selectors["selector-0"], where="federated policy")
+        self._timed("dpo", t)
+        rounds = [r for r in self.rundir.records() if r["event"] == "round"]
+        losses = [c["loss"] for r in rounds for c in r["clients"]]
+        accs = [c["accuracy"] for r in rounds for c in r["clients"]]
+        margins = [c.get("margin", 0.0) for r in rounds for c in r["clients"]]
+
+        return DPOResult(  # summed up from the engine's per-round client records
+            steps=fed.rounds * fed.local_steps,
+            loss=sum(losses) / len(losses),
+            reward_accuracy=sum(accs) / len(accs),
+            margin=sum(margins) / len(margins),
+            seconds=time.perf_counter() - t,
+        )
+
+    def _save_policy(self, name: str) -> Path:
+        path = self.rundir.checkpoints / f"{name}.safetensors"
+        save_adapter(adapter_state(self.ws.model, POLICY), path, lora_metadata(self.rl.dpo.lora))
+        return path
+
+    def _win_rate(self, judge, prompts, reference, adapter, iteration: int, label: str) -> dict:
+        answers = self._sample(
+            prompts, adapter, self.cfg.seed + 1000 + iteration, n=1, desc=f"answers ({label})"
+        )
+        t = time.perf_counter()
+        report = win_rate(judge, prompts, [a[0] for a in answers.texts], reference)
+        self._timed("judging", t)
+        report.update(iteration=iteration, label=label, mean_new_tokens=answers.mean_length())
+        self.rundir.log({"event": "winrate", **report})
+        return report
+
+    def _best_of_n(self, judge, selectors, prompts, reference) -> dict:
+        """Sample n answers, let the selectors pick by knockout, and judge the pick against the first sample:
+        a pick the selectors like but the judge does not is the signature of reward hacking."""
+        rl, ws = self.rl, self.ws
+        prompts, reference = prompts[: rl.best_of_n_prompts], reference[: rl.best_of_n_prompts]
+        samples = self._sample(
+            prompts, POLICY, self.cfg.seed + 2000, n=rl.best_of_n, desc=f"best-of-{rl.best_of_n}"
+        )
+        t = time.perf_counter()
+        picker = VoteJudge(
+            ws.model,
+            ws.encoder,
+            ws.choice_ids,
+            selectors,
+            SELECTOR,
+            rl.swap_average,
+            self.cfg.eval.batch_size,
+        )
+        picks = knockout(picker, prompts, samples.texts)
+        picked = [s[i] for s, i in zip(samples.texts, picks, strict=True)]
+        first = [s[0] for s in samples.texts]
+        report = {
+            "n": rl.best_of_n,
+            "prompts": len(prompts),
+            "pick_vs_reference": win_rate(judge, prompts, picked, reference),
+            "first_vs_reference": win_rate(judge, prompts, first, reference),
+            "pick_mean_new_tokens": sum(n[i] for n, i in zip(samples.new_tokens, picks, strict=True))
+            / len(picks),
+            "first_mean_new_tokens": sum(n[0] for n in samples.new_tokens) / len(picks),
+        }
+        self._timed("best_of_n", t)
+        self.rundir.log({"event": "best_of_n", **report})
+        return report

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from fedbiscuit.config import DPOConfig, GenerationConfig, LoraSettings
+from fedbiscuit.models.adapters import adapter_state, add_adapter
+from fedbiscuit.rlhf.baselines import HumanPair
+from fedbiscuit.rlhf.dpo import (
+    EncodedPreference,
+    dpo_loss,
+    encode_preferences,
+    pair_logps,
+    reference_logps,
+    response_logps,
+    train_dpo,
+)
+from fedbiscuit.rlhf.labelling import PreferencePair
+
+
+def test_sigmoid_and_ipo_losses_match_values_computed_by_hand():
+    pc, pr = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0])
+    rc, rr = torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0])
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # pair 0: dc = 1, dr = -1 -> -log sigmoid(0.2); pair 1: dc = 0, dr = 1 -> -log sigmoid(-0.1)
+    assert loss[0].item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)
+    assert loss[1].item() == pytest.approx(math.log1p(math.exp(0.1)), abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.1, 0.0])
+    assert rejected.tolist() == pytest.approx([-0.1, 0.1])
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, kind="ipo")
+    assert ipo.tolist() == pytest.approx([(2 - 5) ** 2, (-1 - 5) ** 2])
+    with pytest.raises(ValueError, match="hinge"):
+        dpo_loss(pc, pr, rc, rr, 0.1, kind="hinge")
+
+
+def test_response_logps_equal_the_full_model_computation(tiny):
+    model, tok = tiny
+    prompts = [tok("Q: hello there").input_ids, tok("Q: a much longer question here").input_ids]
+    responses = [tok(" yes it is").input_ids, tok(" no").input_ids]
+    ours = response_logps(model, prompts, responses, tok.pad_token_id)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids = torch.tensor([p + r])
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0]
+        expected = sum(logp[len(p) + t - 1, r[t]].item() for t in range(len(r)))
+        assert ours[i].item() == pytest.approx(expected, abs=1e-4)
+
+
+def _prefs(tok, n=8):
+    # chosen answers say "yes", rejected say "no": a policy can learn this in a few steps
+    pairs = [HumanPair(f"question {i}?", "yes indeed", "no") for i in range(n)]
+    return encode_preferences(tok, pairs, GenerationConfig(chat_template=False, max_new_tokens=8))
+
+
+def test_reference_is_the_base_with_the_adapter_disabled(tiny):
+    model, tok = tiny
+    prefs = _prefs(tok, 3)
+    with torch.no_grad():
+        base = torch.stack(pair_logps(model, prefs, tok.pad_token_id), 1)
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():  # make the adapter matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    assert torch.allclose(ref, base, atol=1e-5)
+    with torch.no_grad():
+        active = torch.stack(pair_logps(model, prefs, tok.pad_token_id), 1)
+    assert not torch.allclose(active, base, atol=1e-3)  # the adapter was on outside the reference pass
+
+
+def test_dpo_raises_the_chosen_margin_and_trains_only_the_policy_adapter(tiny):
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0), seed=1)
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0), seed=2)
+    selector_before = adapter_state(model, "selector")
+    prefs = _prefs(tok)
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    cfg = DPOConfig(lr=5e-3, batch_size=4, epochs=10, log_every=5)
+    result = train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, seed=0)
+    assert result.steps == 20 and len(result.history) == 4
+    assert result.history[-1]["loss"] < 0.6 < math.log(2)  # well below the starting ln 2
+    assert result.history[-1]["reward_accuracy"] == 1.0
+    assert result.history[-1]["reward_margin"] > result.history[0]["reward_margin"]
+    for k, v in adapter_state(model, "selector").items():
+        assert torch.equal(v, selector_before[k]), k  # the selector adapter is untouched
+
+
+def test_pairs_won_by_the_first_candidate_are_kept(tiny):
+    """The reference implementation drops every pair whose preferred answer came first; we keep them all."""
+    model, tok = tiny
+    labelled = [
+        PreferencePair("p1", "first answer", "second answer", first_won=True, votes=[0.9], unanimous=True),
+        PreferencePair("p2", "second answer", "first answer", first_won=False, votes=[0.1], unanimous=True),
+        PreferencePair("p3", "alpha", "beta", first_won=True, votes=[0.8], unanimous=True),
+    ]
+    prefs = encode_preferences(tok, labelled, GenerationConfig(chat_template=False))
+    assert len(prefs) == 3
+    eos = [tok.eos_token_id]
+    assert prefs[0].chosen == tok("first answer", add_special_tokens=False).input_ids + eos
+    assert prefs[2].chosen == tok("alpha", add_special_tokens=False).input_ids + eos
+    # and all three are trained on: with batch_size 3 and one step, each contributes to the loss
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    seen = []
+    import fedbiscuit.rlhf.dpo as dpo
+
+    real = dpo.pair_logps
+
+    def spy(m, batch, pad):
+        seen.extend(id(p) for p in batch)
+        return real(m, batch, pad)
+
+    dpo.pair_logps = spy
+    try:
+        train_dpo(model, "policy", prefs, ref, DPOConfig(batch_size=3), tok.pad_token_id, steps=1)
+    finally:
+        dpo.pair_logps = real
+    assert sorted(seen) == sorted(id(p) for p in prefs)
+
+
+def test_prompts_keep_their_latest_tokens_and_responses_end_with_eos(tiny):
+    _, tok = tiny
+    long = HumanPair("x " * 200 + "END", "yes", "no")
+    (p,) = encode_preferences(tok, [long], GenerationConfig(chat_template=False, max_prompt_length=16))
+    assert isinstance(p, EncodedPreference)
+    assert len(p.prompt) == 16 and tok.decode(p.prompt).endswith("END")
+    assert p.chosen[-1] == p.rejected[-1] == tok.eos_token_id

@@ -1,0 +1,115 @@
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from fedbiscuit.rlhf.evaluation import knockout, win_rate
+from fedbiscuit.rlhf.judges import JudgeError, OpenAIJudge
+
+
+class LengthJudge:
+    """Prefers the longer answer, whatever the order: a judge without position bias."""
+
+    name = "length"
+
+    def prefer(self, prompts, first, second):
+        return [
+            1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+            for a, b in zip(first, second, strict=True)
+        ]
+
+
+class FirstJudge:
+    """Always prefers whatever is shown first: pure position bias."""
+
+    name = "first"
+
+    def prefer(self, prompts, first, second):
+        return [0.9] * len(first)
+
+
+def test_win_rate_counts_wins_losses_and_ties_over_both_orders():
+    prompts = ["p"] * 4
+    answers = ["long answer", "s", "same", "mid"]
+    reference = ["x", "much longer", "same", "abc"]
+    rep = win_rate(LengthJudge(), prompts, answers, reference)
+    assert (rep["wins"], rep["losses"], rep["ties"], rep["identical"]) == (1, 1, 2, 1)
+    assert rep["win_rate"] == pytest.approx(0.5)
+    assert rep["ci95"][0] < 0.5 < rep["ci95"][1]
+    # a judge that only ever likes the first position gives ties, never wins
+    biased = win_rate(FirstJudge(), prompts, answers, reference)
+    assert biased["ties"] == 4 and biased["win_rate"] == 0.5
+    all_win = win_rate(LengthJudge(), ["p"] * 3, ["aaaa", "bbbb", "cccc"], ["a", "b", "c"])
+    assert all_win["win_rate"] == 1.0 and all_win["ci95"] == [1.0, 1.0]
+
+
+def test_knockout_finds_the_judges_favourite():
+    cands = [["a", "aaaa", "aa", "aaa", "a"], ["bb", "b"], ["c"]]
+    assert knockout(LengthJudge(), ["p", "q", "r"], cands) == [1, 0, 0]
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    answer = "B"
+    status = 200
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Endpoint.seen.append((self.headers.get("Authorization"), body))
+        if _Endpoint.status != 200:
+            self.send_response(_Endpoint.status)
+            self.end_headers()
+            return
+        payload = json.dumps({"choices": [{"message": {"content": _Endpoint.answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    server = HTTPServer(("127.0.0.1", 0), _Endpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Endpoint.answer, _Endpoint.status, _Endpoint.seen = "B", 200, []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_judge_reads_the_verdict_and_sends_the_key(endpoint, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sekret")
+    judge = OpenAIJudge(endpoint, "judge-model", api_key_env="MY_KEY")
+    assert judge.prefer(["q"], ["first"], ["second"]) == [0.0]
+    _Endpoint.answer = "A."
+    assert judge.prefer(["q"], ["first"], ["second"]) == [1.0]
+    _Endpoint.answer = "I cannot decide"
+    assert judge.prefer(["q"], ["first"], ["second"]) == [0.5] and judge.unparsed == 1
+    auth, body = _Endpoint.seen[0]
+    assert auth == "Bearer sekret" and body["model"] == "judge-model"
+    assert "first" in body["messages"][0]["content"]
+
+
+def test_openai_judge_errors_are_clear_and_quick(endpoint):
+    _Endpoint.status = 401
+    with pytest.raises(JudgeError, match=r"HTTP 401.*OPENAI_API_KEY"):
+        OpenAIJudge(endpoint, "m").prefer(["q"], ["a"], ["b"])
+    # nothing listens on this port: a connection error, not a hang
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(JudgeError, match=f"cannot reach the judge endpoint http://127.0.0.1:{port}"):
+        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", timeout_s=2).prefer(["q"], ["a"], ["b"])
+    assert time.perf_counter() - start < 5
+    with pytest.raises(JudgeError, match="rlhf.judge.url"):
+        OpenAIJudge(None, "m")

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from fedbiscuit.config import LoraSettings, SelectorConfig
+from fedbiscuit.models.adapters import adapter_state, add_adapter, load_adapter_state
+from fedbiscuit.rlhf.generation import Candidates
+from fedbiscuit.rlhf.labelling import candidate_pairs, label_candidates, vote
+from fedbiscuit.selector import build_encoder
+from fedbiscuit.selector.training import score_pairs
+
+
+def test_majority_vote_with_ties_broken_by_the_mean():
+    probs = torch.tensor(
+        [
+            [0.9, 0.2, 0.6, 0.5, 0.7],
+            [0.8, 0.3, 0.4, 0.5, 0.45],
+            [0.1, 0.4, 0.5, 0.5, 0.5],
+        ]
+    )
+    first, decided = vote(probs)
+    # col0: 2 for first; col1: 3 for second; col2: 1-1 tie, mean 0.5 -> undecided; col3: all 0.5 -> undecided;
+    # col4: 1 vs 1 (one abstains), mean 0.55 -> first
+    assert first.tolist()[:2] == [True, False] and first.tolist()[4] is True
+    assert decided.tolist() == [True, True, False, False, True]
+
+
+def test_candidate_pairs_are_every_unordered_pair_and_skip_identical_texts():
+    c = Candidates(["p", "q"], [["a", "b", "c"], ["x", "x"]], [[1, 1, 1], [1, 1]])
+    pairs, identical = candidate_pairs(c)
+    assert [(p.response_a, p.response_b) for p in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert identical == 1
+
+
+def test_labels_follow_the_selector_in_both_directions(tiny):
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    encoder, choice_ids = build_encoder(
+        tok,
+        SelectorConfig(template="Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", max_length=128),
+        "generic",
+    )
+    texts = [["short", "a longer answer", "mid one"], ["yes", "no", "maybe so"], ["one", "two", "three!"]]
+    cands = Candidates(["q1", "q2", "q3"], texts, [[1] * 3] * 3)
+    state = adapter_state(model, "selector")
+    report = label_candidates(
+        model, encoder, choice_ids, {"s": state}, cands, slot="selector", swap_average=True
+    )
+    comps, _ = candidate_pairs(cands)
+    p_ab, p_ba = score_pairs(model, encoder, encoder.encode(comps), choice_ids)
+    p = (p_ab + 1 - p_ba) / 2
+    assert len(report.pairs) == 9 and report.undecided == 0
+    assert 0 < report.first_won < 9  # both kinds occur, and both are kept
+    for pair, comp, prob in zip(report.pairs, comps, p.tolist(), strict=True):
+        assert pair.first_won == (prob > 0.5)
+        assert pair.chosen == (comp.response_a if prob > 0.5 else comp.response_b)
+    assert report.disagreement == 0.0 and report.selector_win_share == {"s": 1.0}
+    # a second selector: disagreement is the share of decided pairs on which the two hard votes differ
+    torch.manual_seed(5)
+    other = {k: (torch.randn_like(v) * 2.0 if "lora_B" in k else v) for k, v in state.items()}
+    two = label_candidates(model, encoder, choice_ids, {"s": state, "t": other}, cands, slot="selector")
+    load_adapter_state(model, "selector", other)
+    q_ab, q_ba = score_pairs(model, encoder, encoder.encode(comps), choice_ids)
+    q = (q_ab + 1 - q_ba) / 2
+    differ = ((p > 0.5) != (q > 0.5)).float().mean().item()
+    assert two.disagreement == pytest.approx(differ) and 0 < differ < 1
+    votes = [v for x in two.pairs for v in x.votes]
+    assert votes == pytest.approx(
+        [v for a, b in zip(p.tolist(), q.tolist(), strict=True) for v in (a, b)], abs=1e-5
+    )
