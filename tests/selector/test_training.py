@@ -91,3 +91,26 @@ def test_nan_loss_stops_with_a_clear_error(tiny):
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="train.lr"):
         train_selector(model, enc, enc.encode(synthetic(8, 0)), TrainConfig(steps=2, batch_size=4), choice)
+
+
+def test_warmup_and_cosine_schedule_and_progressive_agreement(tiny):
+    model, enc, choice = _setup(tiny)
+    train = enc.encode(synthetic(64, 0))
+    cfg = TrainConfig(lr=1e-2, steps=20, batch_size=4, schedule="cosine", warmup_steps=5, log_every=5)
+    logged = []
+    result = train_selector(model, enc, train, cfg, choice, seed=0, on_log=logged.append)
+    assert logged == result.history and [h["step"] for h in logged] == [5, 10, 15, 20]
+    # transformers' cosine-with-warm-up: full rate after warm-up, then half a cosine down to 0 at the end
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in (5, 10, 15, 20)]
+    assert [h["lr"] for h in logged] == pytest.approx(expected, abs=1e-9)
+    assert [h["pairs_seen"] for h in logged] == [20, 40, 60, 80]
+    # pair agreement on batches before the model steps on them (unseen pairs in the first epoch)
+    assert all(0.0 <= h["pair_agreement"] <= 1.0 for h in logged)
+    assert logged[-1]["pair_agreement"] >= 0.9
+
+
+def test_schedules_are_centralized_only():
+    from fedbiscuit.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="train.schedule"):
+        config_from_dict({"pipeline": "federated", "train": {"schedule": "linear"}}, "test")
