@@ -130,7 +130,8 @@ def _win(rep: dict) -> str:
     lo, hi = rep["ci95"]
     return (
         f"{_pct(rep['win_rate'])} [{_pct(lo)}, {_pct(hi)}] "
-        f"({rep['wins']} wins, {rep['ties']} ties, {rep['losses']} losses of {rep['prompts']})"
+        f"({rep['wins']} wins, {rep['ties']} ties, {rep['losses']} losses of {rep['prompts']}; "
+        f"orders averaged: {_pct(rep['averaged_win_rate'])})"
     )
 
 
@@ -166,7 +167,8 @@ def _rlhf_summary(results: dict) -> None:
     secs = results["seconds"]
     console.print(
         "How to read this: a win rate is judged in both orders (a prompt is a tie when the judge changes its "
-        "mind with the order); 50% means no difference from the reference. The 'initial policy' row is the "
+        "mind with the order; 'orders averaged' instead averages the two verdicts first, which still reads a "
+        "position-biased judge); 50% means no difference from the reference. The 'initial policy' row is the "
         "untuned model against itself: its distance from 50% is the noise at this many prompts. A pick that "
         "wins the selectors' vote but not the judge, or answers that grow longer without winning more, are "
         f"signs of reward hacking.\njudge: {results['judge']}\n"

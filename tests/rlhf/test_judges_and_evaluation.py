@@ -40,7 +40,8 @@ def test_win_rate_counts_wins_losses_and_ties_over_both_orders():
     assert rep["ci95"][0] < 0.5 < rep["ci95"][1]
     # a judge that only ever likes the first position gives ties, never wins
     biased = win_rate(FirstJudge(), prompts, answers, reference)
-    assert biased["ties"] == 4 and biased["win_rate"] == 0.5
+    assert biased["ties"] == 4 and biased["win_rate"] == 0.5 and biased["averaged_win_rate"] == 0.5
+    assert rep["averaged_win_rate"] == pytest.approx(0.5)  # 1 win, 1 loss, 2 exact ties
     all_win = win_rate(LengthJudge(), ["p"] * 3, ["aaaa", "bbbb", "cccc"], ["a", "b", "c"])
     assert all_win["win_rate"] == 1.0 and all_win["ci95"] == [1.0, 1.0]
 

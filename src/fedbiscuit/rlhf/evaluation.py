@@ -2,7 +2,8 @@
 
 A prompt is a win when the judge prefers the policy's answer in both orders, a loss when it prefers the
 reference in both, and a tie otherwise (the judge changed its mind with the order, or the texts are equal).
-Win rate = (wins + ties / 2) / prompts, with a normal-approximation 95% interval over prompts.
+Win rate = (wins + ties / 2) / prompts, with a normal-approximation 95% interval over prompts. Also reported:
+the win rate when each prompt's two verdicts are averaged first (softer, for judges with a position bias).
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: li
     mean = sum(scores) / n
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n)
-    prob = sum((p1 + 1.0 - p2) / 2 for p1, p2 in zip(shown_first, shown_second, strict=True)) / n
+    averaged = [(p1 + 1.0 - p2) / 2 for p1, p2 in zip(shown_first, shown_second, strict=True)]
+    prob = sum(averaged) / n
+    # The softer reading: the judge's two orders averaged, a win when that average favours the policy. A judge
+    # with a strong position bias gives ties under the strict rule; this still reads its residual preference.
+    soft = [
+        0.5 if a == r or abs(p - 0.5) < 1e-6 else float(p > 0.5)
+        for a, r, p in zip(answers, reference, averaged, strict=True)
+    ]
     return {
         "judge": judge.name,
         "prompts": n,
@@ -47,6 +55,7 @@ def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: li
         "win_rate": mean,
         "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
+        "averaged_win_rate": sum(soft) / n,
     }
 
 
