@@ -175,7 +175,6 @@ def initial_selectors(model, names: list[str], cfg: RunConfig) -> dict:
 def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     from .data import ClientData
     from .federated.algorithm import Algorithm
-    from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
     from .federated.client import SelectorClient
     from .federated.local_engine import LocalEngine
 
@@ -198,47 +197,66 @@ def run_federated(cfg: RunConfig, quiet: bool = False, resume: bool = False, ove
                 "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
             )
         engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
-        checkpoints = list_checkpoints(run.checkpoints)
-        if resume and checkpoints:
-            state = load_checkpoint(checkpoints[-1])
+        state, resumed = start_state(
+            cfg,
+            run,
+            ws.model,
+            algorithm,
+            resume,
+            {
+                "clients": {c.name: len(c.data.train) for c in clients},
+                "dropped": dict(data.report.dropped),
+                "notes": data.report.notes,
+            },
+        )
+        if resumed:
             for c in clients:
                 c.optimizer_state = state.optimizer_states.get(c.name)
-            run.truncate_metrics(state.round)
-            log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
-        else:
-            if resume:
-                run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
-            state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
-            run.log(
-                {
-                    "event": "data",
-                    "round": -1,
-                    "clients": {c.name: len(c.data.train) for c in clients},
-                    "dropped": dict(data.report.dropped),
-                    "notes": data.report.notes,
-                }
-            )
-            if cfg.eval.before_training:
-                engine.evaluate(state, 0)
+        elif cfg.eval.before_training:
+            engine.evaluate(state, 0)
         state = engine.run_rounds(state)
-        records = run.records()  # the whole run, also the part before a resume
-        evals = [r for r in records if r["event"] == "eval"]
-        faults = Counter(
-            reason.split(":")[0].split(" (")[0]
-            for r in records
-            if r["event"] == "round"
-            for reason in r["rejected"].values()
-        )
-        return {
-            "run_dir": str(run.path),
-            "rounds": state.round,
-            "clusters": state.clusters,
-            "faults": dict(faults),
-            "final": evals[-1] if evals else None,
-            "first": evals[0] if evals else None,
-        }
+        return federated_summary(run, state)
     finally:
         run.close()
+
+
+def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, data_event: dict):
+    """(state, resumed): the newest checkpoint's state with --resume, else round 0 with fresh selectors.
+
+    Shared by every engine so a run started on one resumes the same way on another.
+    """
+    from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
+
+    checkpoints = list_checkpoints(run.checkpoints)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1])
+        run.truncate_metrics(state.round)
+        log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
+        return state, True
+    if resume:
+        run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
+    state = ServerState(0, initial_selectors(model, algorithm.selectors, cfg))
+    run.log({"event": "data", "round": -1, **data_event})
+    return state, False
+
+
+def federated_summary(run: RunDir, state) -> dict:
+    records = run.records()  # the whole run, also the part before a resume
+    evals = [r for r in records if r["event"] == "eval"]
+    faults = Counter(
+        reason.split(":")[0].split(" (")[0]
+        for r in records
+        if r["event"] == "round"
+        for reason in r["rejected"].values()
+    )
+    return {
+        "run_dir": str(run.path),
+        "rounds": state.round,
+        "clusters": state.clusters,
+        "faults": dict(faults),
+        "final": evals[-1] if evals else None,
+        "first": evals[0] if evals else None,
+    }
 
 
 def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
