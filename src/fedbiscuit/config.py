@@ -257,6 +257,9 @@ class FlowerConfig(_Section):
     num_clients: int | None = Field(default=None, ge=1)
     wait_for_nodes_s: float = Field(default=300, gt=0)  # then it starts with the clients it has, or fails
     reply_timeout_s: float = Field(default=600, gt=0)  # per batch of messages; a late reply is a fault
+    # A sampled client whose node has gone is waited for this long (e.g. for a supervisor to restart its
+    # SuperNode) before the round goes on without it.
+    rejoin_wait_s: float = Field(default=0, ge=0)
     # Send a synthetic payload of this many MB to every node and back before round 0, checked bit for bit
     # (a transport self-test; 0 turns it off).
     check_transport_mb: float = Field(default=0, ge=0)

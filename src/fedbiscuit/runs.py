@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = {
     "federated.checkpoint_every",
     "federated.flower.wait_for_nodes_s",
     "federated.flower.reply_timeout_s",
+    "federated.flower.rejoin_wait_s",
     "federated.flower.check_transport_mb",
 }
 

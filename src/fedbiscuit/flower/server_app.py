@@ -39,6 +39,8 @@ class FlowerTransport:
         self.config_json = json.dumps(cfg.model_dump(mode="json"))
         self.identities: dict[int, m.Identity] = {}  # node id -> what it said it holds
         self.node_of: dict[str, int] = {}  # client -> node id (the newest that holds it)
+        self.clients: list[str] = []  # every client of the run (fixed by discover)
+        self.suspects: set[int] = set()  # nodes whose last message failed (crashed, or just slow)
 
     # ---------------------------------------------------------------- messages
     def _exchange(self, requests: dict[str, Message], kind: str, round_: int) -> dict[str, Message | str]:
@@ -91,15 +93,25 @@ class FlowerTransport:
 
     # ---------------------------------------------------------------- which node holds which client
     def refresh(self, round_: int = -1) -> None:
-        """Identify nodes the server has not seen; forget nodes the SuperLink no longer lists."""
+        """Identify nodes the server has not seen, and suspects whose client has not come back elsewhere;
+        forget nodes the SuperLink no longer lists."""
         online = set(self.grid.get_node_ids())
         for node in set(self.identities) - online:
             del self.identities[node]
+        self.suspects &= online
         self.node_of = {c: n for c, n in self.node_of.items() if n in online}
-        new = sorted(online - set(self.identities))
+        # new nodes first: a restarted SuperNode without authentication comes back under a new id
+        self._identify(sorted(online - set(self.identities)), round_)
+        # a node that failed its last message and still holds nobody's place is asked again (with
+        # authentication a restarted SuperNode keeps its node id)
+        self._identify(
+            sorted(n for n in self.suspects if self.identities[n].client not in self.node_of), round_
+        )
+
+    def _identify(self, nodes: list[int], round_: int) -> None:
         requests = {
             str(n): self._message(m.RecordDict({m.TASK: m.task_record(self.config_json)}), n, m.IDENTIFY)
-            for n in new
+            for n in nodes
         }
         for key, reply in self._exchange(requests, "identify", round_).items():
             node = int(key)
@@ -108,10 +120,17 @@ class FlowerTransport:
                 continue
             identity = m.read_identity(reply.content)
             self.identities[node] = identity
+            self.suspects.discard(node)
             previous = self.node_of.get(identity.client)
             self.node_of[identity.client] = node  # the newest node wins: a restarted node takes over
             if previous is not None and previous != node:
                 log.info("client %s moved from node %d to node %d", identity.client, previous, node)
+
+    def _suspect(self, client: str) -> None:
+        """The node holding ``client`` failed a message: it must identify itself again before more work."""
+        node = self.node_of.pop(client, None)
+        if node is not None:
+            self.suspects.add(node)
 
     def discover(self) -> list[str]:
         """Wait until the expected clients have identified themselves; their names in partition order."""
@@ -133,11 +152,20 @@ class FlowerTransport:
                 )
             time.sleep(1.0)
         order = sorted(clients.values(), key=lambda i: (i.partition_id is None, i.partition_id, i.client))
-        return [i.client for i in order]
+        self.clients = [i.client for i in order]
+        return self.clients
+
+    def _await(self, clients, round_: int) -> None:
+        """Refresh the node map; give clients without a node up to rejoin_wait_s to come back."""
+        self.refresh(round_)
+        deadline = time.monotonic() + self.flower.rejoin_wait_s
+        while any(c not in self.node_of for c in clients) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.refresh(round_)
 
     # ---------------------------------------------------------------- the Transport interface
     def train(self, jobs: dict[str, TrainJob], round_: int) -> dict[str, TrainReply | str]:
-        self.refresh(round_)
+        self._await(jobs, round_)
         out: dict[str, TrainReply | str] = {}
         requests = {}
         for name, job in jobs.items():
@@ -147,6 +175,8 @@ class FlowerTransport:
             content = m.train_content(self.config_json, job.selector, job.state, job.seed, round_)
             requests[name] = self._message(content, self.node_of[name], m.TRAIN)
         for name, reply in self._exchange(requests, "train", round_).items():
+            if isinstance(reply, str):
+                self._suspect(name)
             try:
                 out[name] = reply if isinstance(reply, str) else m.read_train_reply(reply.content)
             except (KeyError, TypeError, ValueError) as err:
@@ -154,7 +184,7 @@ class FlowerTransport:
         return out
 
     def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, dict[str, float] | str]:
-        self.refresh(round_)
+        self._await(self.clients, round_)
         names = list(selectors)
         requests = {
             client: self._message(m.score_content(self.config_json, selectors, round_), node, m.SCORE)
@@ -162,6 +192,8 @@ class FlowerTransport:
         }
         out: dict[str, dict[str, float] | str] = {}
         for client, reply in self._exchange(requests, "score", round_).items():
+            if isinstance(reply, str):
+                self._suspect(client)
             try:
                 out[client] = reply if isinstance(reply, str) else m.read_score_reply(reply.content, names)
             except (KeyError, TypeError, ValueError) as err:
@@ -179,7 +211,7 @@ class FlowerTransport:
         gen = torch.Generator().manual_seed(0)
         n = int(megabytes * 1e6 / 4)
         # one array larger than Flower's 5 MiB chunk when the payload allows it, the rest in LoRA-sized pieces
-        sizes = [min(n, 1_600_000)] + [4608] * max(0, (n - 1_600_000) // 4608)
+        sizes = [min(n, 1_600_000)] + [4608] * max(0, -(-(n - 1_600_000) // 4608))
         state = {f"layer.{i}.lora.weight": torch.randn(s, generator=gen) for i, s in enumerate(sizes)}
         requests = {
             c: self._message(m.RecordDict({m.STATE: m.state_record(state)}), node, m.ECHO)
