@@ -116,10 +116,10 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()  # the handler's time: loading model and data (once per process) + training
     raw_cfg, task = m.request_task(msg.content)
     client, ws = _client(raw_cfg, context)
     cfg = ws.cfg
-    start = time.perf_counter()
     reply = client.train(
         ws.model,
         m.record_state(msg.content[m.STATE]),

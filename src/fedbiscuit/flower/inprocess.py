@@ -24,6 +24,12 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 
+def server_task_identity(run_id: int = 1) -> None:
+    """Messages built by a ServerApp take their run and source node from the task identity, which Flower's
+    own runtimes set before calling the ServerApp."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+
+
 def over_the_wire(message: Message) -> Message:
     """The message as the receiving side rebuilds it from the bytes Flower sends (ids and all)."""
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
@@ -48,9 +54,7 @@ class InProcessGrid(Grid):
         self.down: set[int] = set()  # nodes that are listed but never answer (a crashed SuperNode)
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(self.run_id)
-        # Messages built by the ServerApp take their run and source node from the task identity, which
-        # Flower's own runtimes set before calling a ServerApp.
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, self.run_id, SUPERLINK_NODE_ID
+        server_task_identity(self.run_id)
 
     # ------------------------------------------------------------------ nodes
     def add_node(self, config: dict) -> int:
