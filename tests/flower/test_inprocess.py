@@ -149,3 +149,27 @@ def test_a_smollm2_sized_adapter_streams_through_the_message_path():
     back = messages.record_state(over_the_wire(msg).content[messages.STATE])
     assert all(torch.equal(back[k], v) for k, v in state.items())
     assert messages.wire_bytes(msg) >= payload
+
+
+def test_local_dp_on_a_node_uses_flowers_mod_on_its_updates(tmp_path):
+    raw = planted_run_config(tmp_path, "plain", clients=4, rounds=2, clients_per_round=4)
+    plain = run_inprocess(config_from_dict(raw), _nodes(4))
+    dp_nodes = [{**n, "dp-clip": 0.01, "dp-epsilon": 10.0, "dp-delta": 1e-5} for n in _nodes(4)]
+    noisy = run_inprocess(config_from_dict({**raw, "name": "dp"}), dp_nodes)
+    a, b = _final(plain["run_dir"]).selectors["selector-0"], _final(noisy["run_dir"]).selectors["selector-0"]
+    assert noisy["rounds"] == 2 and any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_a_node_without_a_client_is_reported_and_the_run_does_not_start(tmp_path):
+    from fedbiscuit.federated.rounds import TooFewClientsError
+
+    raw = planted_run_config(tmp_path, "orphan", clients=4)
+    raw["federated"]["flower"] = {"wait_for_nodes_s": 1, "num_clients": 4}
+    nodes = [*_nodes(3), {"partition-id": 9, "num-partitions": 4}]
+    with pytest.raises(TooFewClientsError, match="3 of 4 clients"):
+        run_inprocess(config_from_dict(raw), nodes)
+    records = [
+        json.loads(x) for x in (tmp_path / "runs" / "orphan" / "metrics.jsonl").read_text().splitlines()
+    ]
+    failed = [f for r in records if r["event"] == "messages" for f in r["failed"].values()]
+    assert failed and all("partition-id=9" in f for f in failed)
