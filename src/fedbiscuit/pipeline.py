@@ -242,7 +242,7 @@ def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, dat
 
 def federated_summary(run: RunDir, state) -> dict:
     records = run.records()  # the whole run, also the part before a resume
-    evals = [r for r in records if r["event"] == "eval"]
+    evals = [r for r in records if r["event"] == "eval" and "round" in r]
     faults = Counter(
         reason.split(":")[0].split(" (")[0]
         for r in records
