@@ -282,6 +282,91 @@ def report(
     console.print(f"written: {path} (+ PNGs beside it)")
 
 
+# --------------------------------------------------------------------------------------- Flower engine
+@app.command("flower-app")
+def flower_app(
+    config: Path,
+    overrides: list[str] | None = _OVERRIDES,
+    out: Path = typer.Option(Path("flower-app"), help="folder to write the Flower app (pyproject.toml) into"),
+    resume: bool = typer.Option(
+        False, "--resume", help="the ServerApp continues the run from its checkpoint"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="the ServerApp replaces an earlier run"),
+    superlink: str = typer.Option("SERVER:9093", help="SuperLink address the printed commands use"),
+) -> None:
+    """Write a Flower app that runs this config on a SuperLink, and print the commands for every machine."""
+    from .flower.deploy import write_app
+    from .flower.server_app import check_flower_config
+
+    cfg = _load(config, overrides)
+    _guard(lambda: check_flower_config(cfg))
+    # The ServerApp runs in a process the SuperLink starts, from another folder: relative paths would move.
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    if cfg.data.root and not Path(cfg.data.root).is_absolute():
+        cfg.data.root = str(Path(cfg.data.root).resolve())
+    folder = write_app(out, cfg, resume=resume, overwrite=overwrite)
+    n = "N"
+    typer.echo(
+        f"wrote {folder}/pyproject.toml (run {cfg.name}: {cfg.federated.algorithm}, {cfg.federated.rounds} rounds)\n"
+        "server machine:\n"
+        "  flower-superlink --host 0.0.0.0 --port 9093 --disable-runtime-dependency-installation \\\n"
+        "    --ssl-ca-certfile certs/ca.crt --ssl-certfile certs/server.pem --ssl-keyfile certs/server.key "
+        "--enable-supernode-auth\n"
+        "  flwr supernode register certs/node-I.pub fedbiscuit      # once per client machine\n"
+        f"client machine I (of {n}):\n"
+        f"  flower-supernode --superlink {superlink} --root-certificates ca.crt "
+        "--auth-supernode-private-key node-I.key \\\n"
+        f"    --node-config 'partition-id=I num-partitions={n} data-root=\"/path/to/its/data\"'\n"
+        f"start the run (FLWR_HOME/config.toml names the connection 'fedbiscuit'):\n"
+        f"  flwr run {folder} fedbiscuit --stream\n"
+        f"the run folder will be {cfg.run_dir} on the server (README: Federated deployment (Flower))"
+    )
+
+
+@app.command("flower-certs")
+def flower_certs(
+    folder: Path,
+    host: list[str] = typer.Option(
+        ["127.0.0.1", "localhost"], help="SuperLink host names / IPs the certificate is valid for"
+    ),
+    nodes: int = typer.Option(0, help="also make this many SuperNode key pairs (node-I.key / node-I.pub)"),
+) -> None:
+    """A CA, the SuperLink's TLS certificate and SuperNode authentication keys (EC P-384)."""
+    from .flower.deploy import make_certificates, make_node_key
+
+    paths = make_certificates(folder, host)
+    keys = [make_node_key(folder, f"node-{i}") for i in range(nodes)]
+    typer.echo(
+        f"CA: {paths['ca']} (give it to every client machine; keep {paths['ca_key']} offline)\n"
+        f"SuperLink: {paths['cert']} + {paths['key']} for {', '.join(host)}"
+        + "".join(
+            f"\nnode-{i}: {k} (to that machine), {p} (register on the server)"
+            for i, (k, p) in enumerate(keys)
+        )
+    )
+
+
+@app.command("flower-inprocess")
+def flower_inprocess(
+    config: Path,
+    overrides: list[str] | None = _OVERRIDES,
+    resume: bool = typer.Option(False, "--resume", help="continue the run from its newest checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run of the same name"),
+) -> None:
+    """Run the Flower ServerApp with one ClientApp node per client, all in this process (no SuperLink)."""
+    from .data import prepare_data
+    from .flower.inprocess import run_inprocess
+
+    cfg = _load(config, overrides)
+    n = len(_guard(lambda: prepare_data(cfg.data, seed=cfg.seed)).clients)
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    results = _guard(lambda: run_inprocess(cfg, nodes, resume=resume, overwrite=overwrite))
+    if results["final"]:
+        _federated_summary(results)
+    else:
+        console.print(json.dumps({k: results[k] for k in ("run_dir", "rounds", "clusters", "faults")}))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

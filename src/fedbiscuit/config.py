@@ -242,6 +242,31 @@ class FedBiscuitConfig(_Section):
     grouping_pairs: int | None = Field(default=None, ge=1)  # held-out pairs per client scored for grouping
 
 
+class CentralDPConfig(_Section):
+    """Server-side fixed clipping + Gaussian noise on each selector's average (federated/privacy.py)."""
+
+    clip_norm: float = Field(gt=0)  # C: L2 bound on one client's update (returned adapter - adapter sent)
+    noise_multiplier: float = Field(ge=0)  # z: noise std on a selector averaged over n members is z * C / n
+
+
+class FlowerConfig(_Section):
+    """The Flower engine (fedbiscuit.flower): how the ServerApp finds its SuperNodes and waits for them."""
+
+    # The clients the run expects: nodes report their partition-id and num-partitions; the ServerApp starts
+    # when this many distinct clients have answered (None: the num-partitions the nodes report).
+    num_clients: int | None = Field(default=None, ge=1)
+    wait_for_nodes_s: float = Field(default=300, gt=0)  # then it starts with the clients it has, or fails
+    reply_timeout_s: float = Field(default=600, gt=0)  # per batch of messages; a late reply is a fault
+    # A sampled client whose node has gone is waited for this long (e.g. for a supervisor to restart its
+    # SuperNode) before the round goes on without it.
+    rejoin_wait_s: float = Field(default=0, ge=0)
+    # Send a synthetic payload of this many MB to every node and back before round 0, checked bit for bit
+    # (a transport self-test; 0 turns it off).
+    check_transport_mb: float = Field(default=0, ge=0)
+    # The ServerApp scores the selectors on its own copy of the evaluation split (data.root on the server).
+    server_eval: bool = True
+
+
 class FederatedConfig(_Section):
     # fedbis: one selector, FedAvg. fedbiscuit: K clustered selectors. centralized: one client holding all
     # data (baseline). local: every client trains its own selector, nothing is averaged (baseline).
@@ -256,6 +281,21 @@ class FederatedConfig(_Section):
     checkpoint_every: int = Field(default=5, ge=1)
     eval_every: int = Field(default=5, ge=1)  # rounds between agreement evaluations on the test split
     fedbiscuit: FedBiscuitConfig = FedBiscuitConfig()
+    dp: CentralDPConfig | None = None  # central differential privacy on adapter updates (off by default)
+    flower: FlowerConfig = FlowerConfig()
+
+    @model_validator(mode="after")
+    def _dp_needs_the_mean(self) -> FederatedConfig:
+        # the noise scale z*C/n assumes each selector becomes the uniform mean of its n clipped members
+        if self.dp is not None and (
+            self.weighting != "uniform"
+            or (self.algorithm == "fedbiscuit" and self.fedbiscuit.update != "mean")
+        ):
+            raise ValueError(
+                "federated.dp calibrates noise for a uniform mean: set federated.weighting=uniform "
+                "and federated.fedbiscuit.update=mean"
+            )
+        return self
 
     @model_validator(mode="after")
     def _min_clients(self) -> FederatedConfig:

@@ -186,7 +186,6 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
     """Phase 1 in ``run``: FedBis / FedBiscuit / a baseline on the local engine. (final ServerState, summary)"""
     from .data import ClientData
     from .federated.algorithm import Algorithm
-    from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
     from .federated.client import SelectorClient
     from .federated.local_engine import LocalEngine
 
@@ -206,29 +205,48 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
             "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
         )
     engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
+    state, resumed = start_state(
+        cfg,
+        run,
+        ws.model,
+        algorithm,
+        resume,
+        {
+            "clients": {c.name: len(c.data.train) for c in clients},
+            "dropped": dict(data.report.dropped),
+            "notes": data.report.notes,
+        },
+    )
+    if resumed:
+        for c in clients:
+            c.optimizer_state = state.optimizer_states.get(c.name)
+    elif cfg.eval.before_training:
+        engine.evaluate(state, 0)
+    state = engine.run_rounds(state)
+    return state, federated_summary(run, state)
+
+
+def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, data_event: dict):
+    """(state, resumed): the newest checkpoint's state with --resume, else round 0 with fresh selectors.
+
+    Shared by every engine so a run started on one resumes the same way on another.
+    """
+    from .federated.checkpoint import ServerState, list_checkpoints, load_checkpoint
+
     checkpoints = list_checkpoints(run.checkpoints)
     if resume and checkpoints:
         state = load_checkpoint(checkpoints[-1])
-        for c in clients:
-            c.optimizer_state = state.optimizer_states.get(c.name)
         run.truncate_metrics(state.round)
         log.info("resumed from %s (round %d)", checkpoints[-1], state.round)
-    else:
-        if resume:
-            run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
-        state = ServerState(0, initial_selectors(ws.model, algorithm.selectors, cfg))
-        run.log(
-            {
-                "event": "data",
-                "round": -1,
-                "clients": {c.name: len(c.data.train) for c in clients},
-                "dropped": dict(data.report.dropped),
-                "notes": data.report.notes,
-            }
-        )
-        if cfg.eval.before_training:
-            engine.evaluate(state, 0)
-    state = engine.run_rounds(state)
+        return state, True
+    if resume:
+        run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
+    state = ServerState(0, initial_selectors(model, algorithm.selectors, cfg))
+    run.log({"event": "data", "round": -1, **data_event})
+    return state, False
+
+
+def federated_summary(run: RunDir, state) -> dict:
     records = run.records()  # the whole run, also the part before a resume
     evals = [r for r in records if r["event"] == "eval" and "round" in r]
     faults = Counter(
@@ -237,7 +255,7 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
         if r["event"] == "round"
         for reason in r["rejected"].values()
     )
-    summary = {
+    return {
         "run_dir": str(run.path),
         "rounds": state.round,
         "clusters": state.clusters,
@@ -245,7 +263,6 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
         "final": evals[-1] if evals else None,
         "first": evals[0] if evals else None,
     }
-    return state, summary
 
 
 def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:

@@ -62,6 +62,10 @@ RESUMABLE_CHANGES = {
     "federated.client_timeout_s",
     "federated.eval_every",
     "federated.checkpoint_every",
+    "federated.flower.wait_for_nodes_s",
+    "federated.flower.reply_timeout_s",
+    "federated.flower.rejoin_wait_s",
+    "federated.flower.check_transport_mb",
 }
 
 

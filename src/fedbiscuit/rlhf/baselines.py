@@ -1,7 +1,8 @@
 """Phase-2 baselines through the same local engine: FedDPO and federated SFT on the clients' own human pairs.
 
 A PolicyClient has a SelectorClient's shape (train -> TrainReply with adapter tensors, a sample count and
-float metrics), so Algorithm("fedbis") samples and averages the policy adapter exactly as it does a selector.
+float metrics), so the round loop with the in-process transport and Algorithm("fedbis") sample, check and
+average the policy adapter exactly as they do a selector.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import torch
 
 from ..data import ClientData
 from ..federated.client import TrainReply
-from ..federated.local_engine import LocalEngine
 from ..models.adapters import AdapterState, adapter_state, load_adapter_state
 from .dpo import encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
 
@@ -39,8 +39,6 @@ def human_pairs(comparisons) -> list[HumanPair]:
 
 class PolicyClient:
     """One client of FedDPO (``sft=False``) or federated SFT on its preferred responses (``sft=True``)."""
-
-    encoder = choice_ids = None  # the engine's selector evaluation does not apply to a policy
 
     def __init__(self, index: int, data: ClientData, tokenizer, cfg, sft: bool):
         self.index, self.name, self.data = index, data.name, data
@@ -105,10 +103,3 @@ class PolicyClient:
 
     def score(self, *args, **kwargs):
         raise NotImplementedError("policy baselines have one adapter: use federated.algorithm=fedbis")
-
-
-class PolicyEngine(LocalEngine):
-    """The local engine driving policy clients; the policy's quality is judged after training, not per round."""
-
-    def evaluate(self, state, round_: int) -> dict:
-        return {}

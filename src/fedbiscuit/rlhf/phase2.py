@@ -29,7 +29,7 @@ from ..models.loading import cache_root, load_model
 from ..pipeline import SELECTOR, Workspace, open_workspace, train_federated
 from ..runs import RunDir
 from ..selector import build_encoder
-from .baselines import POLICY, PolicyClient, PolicyEngine
+from .baselines import POLICY, PolicyClient
 from .dpo import DPOResult, dpo_steps, encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
 from .evaluation import knockout, win_rate
 from .generation import sample
@@ -283,6 +283,8 @@ class Phase2:
         """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine)."""
         from ..federated.algorithm import Algorithm
         from ..federated.checkpoint import ServerState
+        from ..federated.local_engine import LocalTransport
+        from ..federated.rounds import RoundLoop
 
         ws, cfg = self.ws, self.cfg
         fed = cfg.federated.model_copy(update={"algorithm": "fedbis"})
@@ -292,7 +294,9 @@ class Phase2:
             for i, c in enumerate(ws.data.clients.values())
         ]
         algorithm = Algorithm(fed, [c.name for c in clients], cfg.seed)
-        engine = PolicyEngine(run_cfg, ws.model, clients, algorithm, self.rundir, {}, ws.quiet)
+        # the policy's quality is judged after training (win rate), so the loop runs without an evaluator
+        transport = LocalTransport(run_cfg, ws.model, clients, ws.quiet)
+        engine = RoundLoop(run_cfg, algorithm, self.rundir, transport, None, ws.quiet)
         t = time.perf_counter()
         state = engine.run_rounds(ServerState(0, {"selector-0": adapter_state(ws.model, POLICY)}))
         load_adapter_state(ws.model, POLICY, state.selectors["selector-0"], where="federated policy")
