@@ -124,3 +124,29 @@ def test_prompts_keep_their_latest_tokens_and_responses_end_with_eos(tiny):
     assert isinstance(p, EncodedPreference)
     assert len(p.prompt) == 16 and tok.decode(p.prompt).endswith("END")
     assert p.chosen[-1] == p.rejected[-1] == tok.eos_token_id
+
+
+def test_eos_only_ends_responses_that_really_ended(tiny):
+    _, tok = tiny
+    eos = tok.eos_token_id
+    gen = GenerationConfig(chat_template=False, max_new_tokens=3)
+    long_human = HumanPair("q", "one two three four five six", "no")
+    (p,) = encode_preferences(tok, [long_human], gen, max_response_tokens=3)
+    assert len(p.chosen) == 3 and eos not in p.chosen  # cut at the limit: no EOS taught there
+    assert p.rejected[-1] == eos  # "no" fits: a complete reply ends with EOS
+    cut = PreferencePair("q", "ab", "cd", True, [0.9], True, chosen_finished=False, rejected_finished=True)
+    (c,) = encode_preferences(tok, [cut], GenerationConfig(chat_template=False))
+    assert eos not in c.chosen and c.rejected[-1] == eos
+
+
+def test_an_empty_prompt_still_gives_every_response_token_a_position(tiny):
+    model, tok = tiny
+    (p,) = encode_preferences(tok, [HumanPair("", "yes", "no")], GenerationConfig(chat_template=False))
+    assert p.prompt == [tok.bos_token_id]
+    other = encode_preferences(
+        tok, [HumanPair("a much longer prompt here", "x", "y")], GenerationConfig(chat_template=False)
+    )
+    with torch.no_grad():
+        alone = torch.stack(pair_logps(model, [p], tok.pad_token_id))
+        batched = torch.stack(pair_logps(model, [p, *other], tok.pad_token_id))[:, :1]
+    assert torch.allclose(alone, batched, atol=1e-5)  # padding never leaks into the score

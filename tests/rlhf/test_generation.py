@@ -62,3 +62,23 @@ def test_adapter_none_generates_from_the_base(tiny):
     on = sample(model, tok, ["hello"], cfg, seed=3, adapter="policy")
     assert off.texts == base.texts
     assert on.texts != base.texts
+
+
+def test_an_unknown_adapter_is_an_error_not_the_base_models_samples(tiny, tmp_path):
+    import pytest
+
+    model, tok = tiny
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    cfg = GenerationConfig(num_candidates=2, max_new_tokens=4, chat_template=False)
+    sample(model, tok, ["hello"], cfg, cache_dir=tmp_path)  # base samples in the cache
+    with pytest.raises(ValueError, match="polcy"):
+        sample(model, tok, ["hello"], cfg, adapter="polcy", cache_dir=tmp_path)
+
+
+def test_finished_flags_follow_eos(tiny):
+    model, tok = tiny
+    cfg = GenerationConfig(num_candidates=2, max_new_tokens=3, chat_template=False)
+    out = sample(model, tok, ["a", "b"], cfg, seed=0)
+    for lengths, done in zip(out.new_tokens, out.finished, strict=True):
+        for n, d in zip(lengths, done, strict=True):
+            assert d or n == 3  # an unfinished candidate used every token it was allowed

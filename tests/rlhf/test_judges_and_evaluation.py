@@ -91,8 +91,11 @@ def test_openai_judge_reads_the_verdict_and_sends_the_key(endpoint, monkeypatch)
     assert judge.prefer(["q"], ["first"], ["second"]) == [0.0]
     _Endpoint.answer = "A."
     assert judge.prefer(["q"], ["first"], ["second"]) == [1.0]
+    for reply, verdict in (("**B**", 0.0), ("(A) is better", 1.0), ("B, clearly", 0.0), ("It's a tie", 0.5)):
+        _Endpoint.answer = reply
+        assert judge.prefer(["q"], ["first"], ["second"]) == [verdict], reply
     _Endpoint.answer = "I cannot decide"
-    assert judge.prefer(["q"], ["first"], ["second"]) == [0.5] and judge.unparsed == 1
+    assert judge.prefer(["q"], ["first"], ["second"]) == [0.5] and judge.unparsed == 2
     auth, body = _Endpoint.seen[0]
     assert auth == "Bearer sekret" and body["model"] == "judge-model"
     assert "first" in body["messages"][0]["content"]
@@ -102,6 +105,10 @@ def test_openai_judge_errors_are_clear_and_quick(endpoint):
     _Endpoint.status = 401
     with pytest.raises(JudgeError, match=r"HTTP 401.*OPENAI_API_KEY"):
         OpenAIJudge(endpoint, "m").prefer(["q"], ["a"], ["b"])
+    _Endpoint.status = 503  # retried, then reported
+    with pytest.raises(JudgeError, match="HTTP 503"):
+        OpenAIJudge(endpoint, "m", retries=1).prefer(["q"], ["a"], ["b"])
+    assert len(_Endpoint.seen) == 1 + 2
     # nothing listens on this port: a connection error, not a hang
     import socket
 
@@ -110,7 +117,25 @@ def test_openai_judge_errors_are_clear_and_quick(endpoint):
         port = s.getsockname()[1]
     start = time.perf_counter()
     with pytest.raises(JudgeError, match=f"cannot reach the judge endpoint http://127.0.0.1:{port}"):
-        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", timeout_s=2).prefer(["q"], ["a"], ["b"])
+        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", timeout_s=2, retries=0).prefer(["q"], ["a"], ["b"])
     assert time.perf_counter() - start < 5
     with pytest.raises(JudgeError, match="rlhf.judge.url"):
         OpenAIJudge(None, "m")
+
+
+def test_a_hanging_endpoint_times_out():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the connection, never answers
+    port = listener.getsockname()[1]
+    try:
+        start = time.perf_counter()
+        with pytest.raises(JudgeError, match="timeout 1.0 s"):
+            OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", timeout_s=1.0, retries=0).prefer(
+                ["q"], ["a"], ["b"]
+            )
+        assert time.perf_counter() - start < 4
+    finally:
+        listener.close()

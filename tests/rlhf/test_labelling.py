@@ -34,6 +34,7 @@ def test_candidate_pairs_are_every_unordered_pair_and_skip_identical_texts():
 def test_labels_follow_the_selector_in_both_directions(tiny):
     model, tok = tiny
     model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)  # the test's own draw, whatever ran before it
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
@@ -70,3 +71,42 @@ def test_labels_follow_the_selector_in_both_directions(tiny):
     assert votes == pytest.approx(
         [v for a, b in zip(p.tolist(), q.tolist(), strict=True) for v in (a, b)], abs=1e-5
     )
+
+
+def test_labels_carry_whether_each_candidate_finished(tiny):
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0))
+    encoder, choice_ids = build_encoder(
+        tok,
+        SelectorConfig(template="Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", max_length=128),
+        "generic",
+    )
+    cands = Candidates(["q"], [["done answer", "cut answ"]], [[2, 8]], finished=[[True, False]])
+    report = label_candidates(
+        model, encoder, choice_ids, {"s": adapter_state(model, "selector")}, cands, slot="selector"
+    )
+    (pair,) = report.pairs
+    flags = {pair.chosen: pair.chosen_finished, pair.rejected: pair.rejected_finished}
+    assert flags == {"done answer": True, "cut answ": False}
+
+
+def test_selectors_score_with_the_policy_adapter_switched_off(tiny):
+    """Labelling must not depend on the policy adapter's weights: only the selector slot is active."""
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0), seed=1)
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0), seed=2)
+    encoder, choice_ids = build_encoder(
+        tok,
+        SelectorConfig(template="Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:", max_length=128),
+        "generic",
+    )
+    cands = Candidates(["q1", "q2"], [["a", "bb", "ccc"], ["x", "yy", "zzz"]], [[1] * 3] * 2)
+    state = adapter_state(model, "selector")
+    before = label_candidates(model, encoder, choice_ids, {"s": state}, cands, slot="selector")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.normal_(0, 5.0)
+    model.set_adapter("policy")  # as after a DPO step
+    after = label_candidates(model, encoder, choice_ids, {"s": state}, cands, slot="selector")
+    assert [p.votes for p in after.pairs] == [p.votes for p in before.pairs]

@@ -52,9 +52,20 @@ def encode_preferences(
     chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False).input_ids
     rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    # An empty prompt would leave the first response token with no position to be predicted from.
+    start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+
+    def end(ids: list[int], finished: bool) -> list[int]:
+        # EOS only where the text really ended: a reply cut at the limit must not teach the policy to stop there
+        return ids + eos if finished and len(ids) <= limit else ids[:limit]
+
     return [
-        EncodedPreference(pr[-gen.max_prompt_length :], c[:limit] + eos, r[:limit] + eos)
-        for pr, c, r in zip(prompts, chosen, rejected, strict=True)
+        EncodedPreference(
+            pr[-gen.max_prompt_length :] or start,
+            end(c, getattr(p, "chosen_finished", True)),
+            end(r, getattr(p, "rejected_finished", True)),
+        )
+        for pr, c, r, p in zip(prompts, chosen, rejected, pairs, strict=True)
     ]
 
 

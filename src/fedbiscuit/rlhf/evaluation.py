@@ -56,6 +56,7 @@ def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: li
         "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
         "averaged_win_rate": sum(soft) / n,
+        "unparsed": getattr(judge, "unparsed", 0),  # judge replies with no verdict (scored 0.5)
     }
 
 

@@ -29,6 +29,10 @@ class Candidates:
     new_tokens: list[list[int]]  # tokens generated for each candidate (length tracking)
     key: str = ""
     from_cache: bool = False
+    finished: list[list[bool]] | None = None  # ended with EOS (not cut at max_new_tokens)
+
+    def is_finished(self, i: int, j: int) -> bool:
+        return True if self.finished is None else self.finished[i][j]
 
     def mean_length(self) -> float:
         lengths = [n for row in self.new_tokens for n in row]
@@ -99,6 +103,8 @@ def sample(
 ) -> Candidates:
     """``n`` (default cfg.num_candidates) sampled answers per prompt from ``adapter`` (None: adapters disabled)."""
     n = n or cfg.num_candidates
+    if adapter is not None and adapter not in getattr(model, "peft_config", {}):
+        raise ValueError(f"the model has no adapter named {adapter!r}")
     if greedy and n != 1:
         raise ValueError("greedy decoding gives one answer per prompt: use n=1")
     key = ""
@@ -108,13 +114,15 @@ def sample(
         path = Path(cache_dir) / f"{key}.json"
         if path.is_file():
             data = json.loads(path.read_text())
-            return Candidates(data["prompts"], data["texts"], data["new_tokens"], key, from_cache=True)
+            return Candidates(
+                data["prompts"], data["texts"], data["new_tokens"], key, True, data.get("finished")
+            )
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts, lengths = [], []
+    texts, lengths, finished = [], [], []
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=quiet, leave=False)
     ctx = model.disable_adapter() if adapter is None and hasattr(model, "disable_adapter") else _null()
     try:
@@ -148,25 +156,28 @@ def sample(
                 )
                 new = out[:, width:].cpu()
                 for i in range(len(chunk)):
-                    row, row_len = [], []
+                    row, row_len, row_done = [], [], []
                     for j in range(n):
                         toks = new[i * n + j].tolist()
-                        if tokenizer.eos_token_id in toks:
+                        done = tokenizer.eos_token_id in toks
+                        if done:
                             toks = toks[: toks.index(tokenizer.eos_token_id)]
                         while toks and toks[-1] == pad_id:
                             toks.pop()
                         row.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
                         row_len.append(len(toks))
+                        row_done.append(done)
                     texts.append(row)
                     lengths.append(row_len)
+                    finished.append(row_done)
                 bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
-    result = Candidates(list(prompts), texts, lengths, key)
+    result = Candidates(list(prompts), texts, lengths, key, False, finished)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        payload = {"prompts": result.prompts, "texts": texts, "new_tokens": lengths}
+        payload = {"prompts": result.prompts, "texts": texts, "new_tokens": lengths, "finished": finished}
         atomic_write_text(Path(cache_dir) / f"{key}.json", json.dumps(payload))
     return result
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import urllib.error
 import urllib.request
 from typing import Protocol
@@ -109,11 +111,19 @@ JUDGE_PROMPT = (
 )
 
 
+_VERDICT = re.compile(r"\b([AB])\b")
+
+
 class OpenAIJudge:
     """An OpenAI-compatible /chat/completions endpoint; the reply's first standalone A or B is the verdict."""
 
     def __init__(
-        self, url: str | None, model: str | None, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0
+        self,
+        url: str | None,
+        model: str | None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 30.0,
+        retries: int = 2,
     ):
         url = url or os.environ.get("OPENAI_BASE_URL")
         if not url:
@@ -125,7 +135,7 @@ class OpenAIJudge:
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
         self.name = f"openai:{model}"
-        self.unparsed = 0
+        self.unparsed, self.retries = 0, retries  # unparsed: replies with no A/B, scored 0.5 and reported
 
     def _ask(self, prompt: str, a: str, b: str) -> float:
         body = json.dumps(
@@ -141,25 +151,42 @@ class OpenAIJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+                break
+            except urllib.error.HTTPError as err:
+                if err.code in (429, 500, 502, 503, 504) and attempt < self.retries:
+                    time.sleep(2**attempt)  # rate limits and restarts pass; a bad request does not
+                    continue
+                hint = f" (is ${self.api_key_env} set?)" if err.code in (401, 403) else ""
+                detail = err.read()[:300].decode("utf-8", "replace").strip()
+                raise JudgeError(
+                    f"judge endpoint {self.url} answered HTTP {err.code}{hint}"
+                    + (f": {detail}" if detail else "")
+                ) from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                if attempt < self.retries:
+                    time.sleep(2**attempt)
+                    continue
+                reason = getattr(err, "reason", err)
+                raise JudgeError(
+                    f"cannot reach the judge endpoint {self.url} ({reason}; timeout {self.timeout_s} s, "
+                    f"{self.retries + 1} attempts): check rlhf.judge.url / $OPENAI_BASE_URL, or use "
+                    "rlhf.judge.kind=selector"
+                ) from None
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            hint = f" (is ${self.api_key_env} set?)" if err.code in (401, 403) else ""
-            raise JudgeError(f"judge endpoint {self.url} answered HTTP {err.code}{hint}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            reason = getattr(err, "reason", err)
-            raise JudgeError(
-                f"cannot reach the judge endpoint {self.url} ({reason}; timeout {self.timeout_s} s): "
-                "check rlhf.judge.url / $OPENAI_BASE_URL, or use rlhf.judge.kind=selector"
-            ) from None
+            reply = json.loads(raw)
+        except ValueError:
+            raise JudgeError(f"judge endpoint {self.url} did not answer JSON: {raw[:200]!r}") from None
         try:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise JudgeError(f"judge endpoint {self.url} returned no choices[0].message.content") from None
-        for token in text.replace(".", " ").replace(":", " ").split():
-            if token.upper() in ("A", "B"):
-                return 1.0 if token.upper() == "A" else 0.0
+        verdict = _VERDICT.search(text)  # the first standalone capital A or B: "B", "**A**", "(B)", "A."
+        if verdict:
+            return 1.0 if verdict.group(1) == "A" else 0.0
         self.unparsed += 1
         return 0.5
 

@@ -27,6 +27,8 @@ class PreferencePair:
     first_won: bool  # candidate i (of the pair i < j) was preferred
     votes: list[float]  # every selector's P(first better)
     unanimous: bool
+    chosen_finished: bool = True  # the candidate ended with EOS rather than at the length limit
+    rejected_finished: bool = True
 
 
 @dataclass
@@ -103,6 +105,11 @@ def label_candidates(
     first, decided = vote(probs)
     hard = probs > 0.5
     unanimous = (hard == hard[0]).all(0) & (probs != 0.5).all(0)
+    done = {
+        (prompt, text): candidates.is_finished(i, j)
+        for i, (prompt, texts) in enumerate(zip(candidates.prompts, candidates.texts, strict=True))
+        for j, text in enumerate(texts)
+    }
     pairs = []
     for k, comp in enumerate(comparisons):
         if not decided[k]:
@@ -110,7 +117,16 @@ def label_candidates(
         won = bool(first[k])
         chosen, rejected = (comp.response_a, comp.response_b) if won else (comp.response_b, comp.response_a)
         pairs.append(
-            PreferencePair(comp.prompt, chosen, rejected, won, probs[:, k].tolist(), bool(unanimous[k]))
+            PreferencePair(
+                comp.prompt,
+                chosen,
+                rejected,
+                won,
+                probs[:, k].tolist(),
+                bool(unanimous[k]),
+                done[(comp.prompt, chosen)],
+                done[(comp.prompt, rejected)],
+            )
         )
     kept = decided.sum().item()
     majority = (hard == first.unsqueeze(0)) & decided.unsqueeze(0)
