@@ -102,8 +102,9 @@ def _federated_summary(results: dict) -> None:
         for key, label in (("vote", "majority vote"), ("own", "own cluster"))
         if key in final
     ]
+    same = first.get("round") == final.get("round")  # no evaluation before training: no 'start' column
     for key, label, rep in rows:
-        start = first.get("selectors", {}).get(key) or first.get(key)
+        start = None if same else first.get("selectors", {}).get(key) or first.get(key)
         o = rep["overall"]
         table.add_row(
             label,
@@ -147,7 +148,8 @@ def _rlhf_summary(results: dict) -> None:
         )
     d = results["dpo"]
     console.print(
-        f"{results['method']}: {d['steps']} steps in {d['seconds']:.0f} s, loss {d['loss']:.4f}, "
+        f"{'DPO' if results['method'] == 'selectors' else results['method']}: {d['steps']} steps in "
+        f"{d['seconds']:.0f} s, loss {d['loss']:.4f}, "
         f"reward accuracy {_pct(d['reward_accuracy'])}, reward margin {d['reward_margin']:+.4f}"
     )
     table = Table(title=f"win rate against the reference answers (judge: {results['final']['judge']})")
