@@ -209,7 +209,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         o = f[3]
         pur = _pct(purity(run["groupings"][-1]["assignment"])) if run["groupings"] else "-"
         lines.append(
-            f"| {run['name']} | {run['rounds']} | {_pct(first[1])} | {_pct(o['agreement'])} | {_pct(o.get('agreement_ab'))} "
+            f"| {run['name']} | {run['rounds']} | {'-' if first is f else _pct(first[1])} | {_pct(o['agreement'])} | "
+            f"{_pct(o.get('agreement_ab'))} "
             f"| {_pct(o.get('agreement_ba'))} | {o['brier']:.3f} | {f[2]} | {pur} | {run['rejected']} |"
         )
     lines += [
