@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def sample(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts, lengths, finished = [], [], []
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=quiet, leave=False)
-    ctx = model.disable_adapter() if adapter is None and hasattr(model, "disable_adapter") else _null()
+    ctx = model.disable_adapter() if adapter is None and hasattr(model, "disable_adapter") else nullcontext()
     try:
         if adapter is not None:
             model.set_adapter(adapter)
@@ -180,11 +181,3 @@ def sample(
         payload = {"prompts": result.prompts, "texts": texts, "new_tokens": lengths, "finished": finished}
         atomic_write_text(Path(cache_dir) / f"{key}.json", json.dumps(payload))
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -15,6 +15,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ..data.pairs import Comparison
 from ..models.adapters import AdapterState, load_adapter_state
 from ..selector.training import score_pairs
-from .labelling import vote
+from .labelling import selector_probs, vote
 
 
 class JudgeError(RuntimeError):
@@ -60,11 +61,11 @@ class SelectorJudge:
     def prefer(self, prompts, first, second) -> list[float]:
         encoded = self.encoder.encode(_comparisons(prompts, first, second))
         if self.state is None:
-            ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else _Null()
+            ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         else:
             load_adapter_state(self.model, self.slot, self.state, where=f"judge {self.name}")
             self.model.set_adapter(self.slot)
-            ctx = _Null()
+            ctx = nullcontext()
         with ctx:
             p, _ = score_pairs(
                 self.model, self.encoder, encoded, self.choice_ids, self.batch_size, both_orders=False
@@ -92,15 +93,17 @@ class VoteJudge:
 
     def prefer(self, prompts, first, second) -> list[float]:
         encoded = self.encoder.encode(_comparisons(prompts, first, second))
-        rows = []
-        for name, state in self.selectors.items():
-            load_adapter_state(self.model, self.slot, state, where=f"selector {name}")
-            self.model.set_adapter(self.slot)
-            p_ab, p_ba = score_pairs(
-                self.model, self.encoder, encoded, self.choice_ids, self.batch_size, self.swap_average
-            )
-            rows.append((p_ab + 1.0 - p_ba) / 2 if self.swap_average else p_ab)
-        first_won, decided = vote(torch.stack(rows))
+        probs = selector_probs(
+            self.model,
+            self.encoder,
+            self.choice_ids,
+            self.selectors,
+            encoded,
+            self.slot,
+            self.swap_average,
+            self.batch_size,
+        )
+        first_won, decided = vote(probs)
         return torch.where(decided, first_won.float(), torch.tensor(0.5)).tolist()
 
 
@@ -192,11 +195,3 @@ class OpenAIJudge:
 
     def prefer(self, prompts, first, second) -> list[float]:
         return [self._ask(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

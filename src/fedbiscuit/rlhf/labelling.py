@@ -76,6 +76,27 @@ def vote(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, decided
 
 
+def selector_probs(
+    model,
+    encoder,
+    choice_ids,
+    selectors: dict[str, AdapterState],
+    encoded,
+    slot: str,
+    swap_average: bool = True,
+    batch_size: int = 16,
+    progress=None,
+) -> torch.Tensor:
+    """[K, pairs] P(first better) from each selector, loaded in turn into adapter ``slot``."""
+    rows = []
+    for name, state in selectors.items():
+        load_adapter_state(model, slot, state, where=f"selector {name}")
+        model.set_adapter(slot)
+        p_ab, p_ba = score_pairs(model, encoder, encoded, choice_ids, batch_size, swap_average, progress)
+        rows.append((p_ab + (1.0 - p_ba)) / 2 if swap_average else p_ab)
+    return torch.stack(rows)
+
+
 def label_candidates(
     model,
     encoder,
@@ -95,13 +116,9 @@ def label_candidates(
     if not comparisons:
         return LabelReport([], identical=identical)
     encoded = encoder.encode(comparisons)  # tokenised once, scored by every selector
-    rows = []
-    for name, state in selectors.items():
-        load_adapter_state(model, slot, state, where=f"selector {name}")
-        model.set_adapter(slot)
-        p_ab, p_ba = score_pairs(model, encoder, encoded, choice_ids, batch_size, swap_average, progress)
-        rows.append((p_ab + (1.0 - p_ba)) / 2 if swap_average else p_ab)
-    probs = torch.stack(rows)
+    probs = selector_probs(
+        model, encoder, choice_ids, selectors, encoded, slot, swap_average, batch_size, progress
+    )
     first, decided = vote(probs)
     hard = probs > 0.5
     unanimous = (hard == hard[0]).all(0) & (probs != 0.5).all(0)
