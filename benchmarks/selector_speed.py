@@ -1,15 +1,23 @@
-"""Selector speed: ours against the straightforward way, side by side in one run.
+"""Selector speed: the cached path against the full path, side by side in one run, on the same HH-RLHF pairs.
 
-ours:  texts tokenised once per pair, both orders assembled from ids, decoder hidden state at the answer
-       position times the two output rows of " A"/" B".
-naive: what the reference implementation does: render each prompt string (both orders), tokenise it every
-       time it is used, run the full model and take the full-vocabulary logits at every position, then pick
-       the two answer logits at the last position.
+Variants (each in its own subprocess, so its peak RSS is its own; all on SmolLM2, max_length 256):
+  today        the full path as configured before the cached path existed: LoRA r=8 on q/v in all 30 blocks,
+               fp32, every step runs (and back-propagates through) the whole decoder
+  full-fp32    the full path with the cached path's adapter (LoRA r=16 on every linear layer of the top 4
+               blocks), fp32
+  cached-fp32  the cached path, fp32: the 26 frozen blocks run once per pair (timed as the cache build),
+               then only the top 4 blocks
+  full-bf16    as full-fp32, in bf16
+  cached-bf16  as cached-fp32, in bf16
 
-Each method runs in its own subprocess so its peak RSS is its own. Prints a Markdown table.
+Measured per variant: training sequences per second (optimizer steps of 8 pairs = 16 sequences, pairs grouped
+by length), scoring pairs per second (both orders, batches of 32 pairs), and for the cached path the cache
+build (pairs per second, bytes per pair, into an empty store). From the scoring rate: the time of a FedBiscuit
+grouping round (16 clients x 24 held-out pairs x K=2 selectors) and of an evaluation of 1,000 test pairs;
+the cached figures assume the states exist (built once per pair; the build is in its own column).
 
-    python benchmarks/selector_speed.py                      # SmolLM2, real HH-RLHF pairs
-    python benchmarks/selector_speed.py --model tiny --steps 3  # a smoke run
+    python benchmarks/selector_speed.py                       # SmolLM2, the figures in BENCHMARKS.md
+    python benchmarks/selector_speed.py --model tiny --steps 2 --score-pairs 16   # a smoke run
 """
 
 from __future__ import annotations
@@ -20,110 +28,79 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("today", "full-fp32", "cached-fp32", "full-bf16", "cached-bf16")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(method: str, args) -> dict:
+def measure(variant: str, args) -> dict:
     import torch
 
     from fedbiscuit.config import config_from_dict
+    from fedbiscuit.models.loading import cpu_flags
     from fedbiscuit.pipeline import open_workspace
-    from fedbiscuit.selector.scoring import choice_logits
-    from fedbiscuit.selector.training import choice_loss, make_optimizer
+    from fedbiscuit.selector.training import score_pairs, train_selector
 
-    torch.manual_seed(0)
+    path = "cached" if variant.startswith("cached") else "full"
+    dtype = "bfloat16" if variant.endswith("bf16") else "float32"
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": args.top_layers, "target_modules": ALL_LINEAR}
+    if variant == "today":
+        lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    cache = tempfile.mkdtemp(prefix="trunk-")  # an empty store: the build is timed from scratch
     cfg = config_from_dict(
         {
-            "data": {
-                "source": "hh_rlhf",
-                "root": args.data,
-                "eval_split": None,
-                "max_train_pairs_per_client": 64,
-            },
-            "model": {"name_or_path": args.model, "device": "cpu", "dtype": "float32"},
-            "selector": {"max_length": args.max_length},
+            "data": {"source": "hh_rlhf", "root": args.data, "heldout_fraction": 0.0},
+            "model": {"name_or_path": args.model, "device": "cpu", "dtype": dtype, "lora": lora},
+            "selector": {"max_length": args.max_length, "path": path, "cache_dir": cache},
             "train": {"lr": 1e-4, "batch_size": args.batch, "steps": args.steps},
         }
     )
     ws = open_workspace(cfg, quiet=True)
-    model, tok, enc, choice = ws.model, ws.tokenizer, ws.encoder, ws.choice_ids
-    raw = ws.data.all_train()
+    model, enc, choice = ws.model, ws.encoder, ws.choice_ids
+    # the same pairs for every variant: the first of each subset's train and test files
+    train_raw = [p for c in ws.data.clients.values() for p in c.train[: args.train_pairs // 4]]
+    test_raw = [p for pairs in ws.data.all_test().values() for p in pairs[: args.score_pairs // 4]]
     loaded_mb = _rss_mb()
-    optimizer = make_optimizer(model, cfg.train)
 
-    if method == "ours":
-        pairs = enc.encode(raw)
-
-        def batch(i, n, both):
-            return enc.batch(pairs[i : i + n], both_orders=both)
-
-        def logits(ids, mask):
-            return choice_logits(model, ids, mask, choice)
-    else:
-        template = enc  # the same template pieces, rendered as strings
-        pieces = [tok.decode(p) for p in template.pieces]
-        tok.truncation_side = "left"  # cut the oldest context, keep the answer position
-
-        def render(p, swap):
-            a, b = (p.response_b, p.response_a) if swap else (p.response_a, p.response_b)
-            return pieces[0] + p.prompt + pieces[1] + a + pieces[2] + b + pieces[3]
-
-        def batch(i, n, both):
-            chunk = raw[i : i + n]
-            texts = [render(p, False) for p in chunk] + ([render(p, True) for p in chunk] if both else [])
-            t = tok(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=args.max_length,
-                return_tensors="pt",
-                add_special_tokens=False,
-            )
-            target = torch.tensor([p.label for p in chunk] + ([1 - p.label for p in chunk] if both else []))
-            return t.input_ids, t.attention_mask, target
-
-        def logits(ids, mask):
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, vocab]
-            last = mask.sum(1) - 1
-            return out[torch.arange(out.shape[0]), last][:, list(choice)].float()
-
-    # training steps: one warm-up, then timed
-    model.train()
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        ids, mask, target = batch(step * args.batch, args.batch, True)
-        optimizer.zero_grad()
-        choice_loss(logits(ids, mask), target).backward()
-        optimizer.step()
-        if step:
-            times.append(time.perf_counter() - start)
-    model.eval()
-    # scoring: both orders, batches of args.score_batch pairs
-    n = min(args.score_pairs, len(raw))
-    with torch.no_grad():
-        ids, mask, _ = batch(0, args.score_batch, True)
-        logits(ids, mask)  # warm-up
-        start = time.perf_counter()
-        for i in range(0, n, args.score_batch):
-            ids, mask, _ = batch(i, args.score_batch, True)
-            logits(ids, mask)
-        score_s = time.perf_counter() - start
-    return {
-        "method": method,
-        "train_step_s": sum(times) / len(times),
-        "pairs_per_s": n / score_s,
+    start = time.perf_counter()
+    train, test = enc.encode(train_raw), enc.encode(test_raw)
+    build_s = time.perf_counter() - start
+    out = {"variant": variant, "dtype": dtype, "path": path}
+    if path == "cached":
+        out |= {
+            "cache_pairs_per_s": (len(train) + len(test)) / build_s,
+            "cache_bytes_per_pair": enc.store.nbytes / len(enc.store),
+        }
+    train_selector(model, enc, train, cfg.train.model_copy(update={"steps": 1}), choice, seed=1)  # warm-up
+    start = time.perf_counter()
+    result = train_selector(model, enc, train, cfg.train, choice, seed=0)
+    train_s = time.perf_counter() - start
+    score_pairs(model, enc, test[: args.score_batch], choice, args.score_batch)  # warm-up
+    start = time.perf_counter()
+    score_pairs(model, enc, test, choice, args.score_batch)
+    score_s = time.perf_counter() - start
+    pairs_per_s = len(test) / score_s
+    out |= {
+        "train_seq_per_s": 2 * result.samples / train_s,
+        "score_pairs_per_s": pairs_per_s,
+        "grouping_round_s": 16 * 24 * 2 / pairs_per_s,
+        "eval_1000_s": 1000 / pairs_per_s,
         "peak_rss_mb": _rss_mb(),
         "after_load_rss_mb": loaded_mb,
         "threads": torch.get_num_threads(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+        "train_pairs": len(train),
+        "score_pairs": len(test),
     }
+    return out
 
 
 def main() -> None:
@@ -132,42 +109,54 @@ def main() -> None:
     p.add_argument(
         "--data", default=os.environ.get("FEDBISCUIT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     )
-    p.add_argument("--batch", type=int, default=4, help="pairs per training step (x2 sequences)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per training step (x2 sequences)")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--top-layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--score-pairs", type=int, default=48)
-    p.add_argument("--score-batch", type=int, default=8)
-    p.add_argument("--method", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--train-pairs", type=int, default=64)
+    p.add_argument("--score-pairs", type=int, default=64)
+    p.add_argument("--score-batch", type=int, default=32)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.method:
-        print(json.dumps(measure(args.method, args)))
+    if args.variant:
+        print(json.dumps(measure(args.variant, args)))
         return
     rows = []
-    for method in ("ours", "naive"):
-        cmd = [sys.executable, __file__, "--method", method] + sys.argv[1:]
+    for variant in args.variants.split(","):
+        argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
+        cmd = [sys.executable, __file__, "--variant", variant, *argv]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
-            sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{variant}: done", file=sys.stderr)
+    r0 = rows[0]
     print(
-        f"model={args.model} batch={args.batch} pairs (x2 orders) max_length={args.max_length} "
-        f"steps={args.steps} score_pairs={args.score_pairs} threads={rows[0]['threads']}"
+        f"model={args.model} max_length={args.max_length} top_layers={args.top_layers} "
+        f"train: {args.steps} steps x {args.batch} pairs; scoring {r0['score_pairs']} test pairs; "
+        f"threads={r0['threads']}; CPU flags: {' '.join(r0['cpu_flags'])}"
     )
     print(
-        "| method | train step (s) | pairs scored / s (both orders) | peak RSS (MB) | RSS after load (MB) |"
+        "| variant | train seq/s | x today | score pairs/s | grouping round (s) | 1,000-pair eval (s) | x today "
+        "| cache build pairs/s | cache bytes/pair | peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['method']} | {r['train_step_s']:.2f} | {r['pairs_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['after_load_rss_mb']:.0f} |"
+        cache = (
+            f"{r['cache_pairs_per_s']:.2f} | {r['cache_bytes_per_pair'] / 1e3:.0f} kB"
+            if "cache_pairs_per_s" in r
+            else "- | -"
         )
-    ours, naive = rows
-    print(
-        f"speed-up: training x{naive['train_step_s'] / ours['train_step_s']:.2f}, "
-        f"scoring x{ours['pairs_per_s'] / naive['pairs_per_s']:.2f}; "
-        f"peak RSS {naive['peak_rss_mb'] - ours['peak_rss_mb']:.0f} MB lower"
-    )
+        print(
+            f"| {r['variant']} | {r['train_seq_per_s']:.2f} | {r['train_seq_per_s'] / r0['train_seq_per_s']:.1f} | "
+            f"{r['score_pairs_per_s']:.2f} | {r['grouping_round_s']:.0f} | {r['eval_1000_s']:.0f} | "
+            f"{r['score_pairs_per_s'] / r0['score_pairs_per_s']:.1f} | {cache} | {r['peak_rss_mb']:.0f} |"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -100,3 +100,12 @@ def test_federated_constraints():
                 "federated": {"algorithm": "fedbiscuit"},
             }
         )
+
+
+def test_cached_selector_path_needs_top_layers():
+    with pytest.raises(ConfigError, match="selector.path=cached needs model.lora.top_layers"):
+        config_from_dict({"selector": {"path": "cached"}})
+    cfg = config_from_dict({"selector": {"path": "cached"}, "model": {"lora": {"top_layers": 4}}})
+    assert cfg.selector.path == "cached" and cfg.model.lora.top_layers == 4
+    with pytest.raises(ConfigError, match="model.lora.top_layers"):
+        config_from_dict({"model": {"lora": {"top_layers": 0}}})

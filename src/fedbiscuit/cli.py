@@ -113,6 +113,7 @@ def _federated_summary(results: dict) -> None:
             f"{_pct(o.get('agreement_ab'))} / {_pct(o.get('agreement_ba'))}",
         )
     console.print(table)
+    console.print(_learned_sentence(rows, first if not same else {}))
     by_selector: dict[str, list[str]] = {}
     for client, selector in sorted((results["clusters"] or {}).items()):
         by_selector.setdefault(selector, []).append(client)
@@ -125,6 +126,23 @@ def _federated_summary(results: dict) -> None:
         f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, checkpoints/); "
         f"plots and a table: fedbiscuit report {results['run_dir']}"
     )
+
+
+def _learned_sentence(rows, first: dict) -> str:
+    """One sentence a newcomer understands: did the selectors learn what these people prefer?"""
+    by_key = {k: (k, label, rep) for k, label, rep in rows}
+    # FedBiscuit: each client judged by its own cluster's selector; else the vote; else the one selector
+    key, label, rep = by_key.get("own") or by_key.get("vote") or rows[0]
+    o = rep["overall"]
+    lo, hi = o.get("ci95", (float("nan"), float("nan")))
+    start = first.get("selectors", {}).get(key) or first.get(key)
+    before = f", {_pct(start['overall']['agreement'])} before training" if start else ""
+    what = "each client's own selector" if key == "own" else label
+    head = f"{what} sides with the human raters on {_pct(o['agreement'])} of {o['n']} unseen test pairs "
+    head += f"(95% interval {_pct(lo)} to {_pct(hi)}{before}; 50% is a coin flip): "
+    if lo > 0.5:
+        return "[bold]" + head + "it has learned something of what these people prefer.[/]"
+    return "[bold]" + head + "not measurably better than chance at this size.[/]"
 
 
 def _win(rep: dict) -> str:
@@ -207,11 +225,35 @@ def run(
     stages = {k: results[k] for k in ("before", "after") if k in results}
     console.print(_agreement_table("selector agreement with human labels (evaluation split)", stages))
     t = results["train"]
+    if "paired" in results:
+        console.print(_paired_sentence(results["paired"]))
+    curve = results.get("heldout_curve") or []
+    if len(curve) > 1:
+        points = ", ".join(f"{c['pairs_seen']}: {100 * c['agreement']:.1f}%" for c in curve)
+        console.print(
+            f"held-out slice of the training split (n={curve[-1]['n']}), agreement by pairs seen: {points}"
+        )
     console.print(
         f"trained {t['steps']} steps in {t['seconds']:.0f} s (final train loss {t['loss']:.4f}). "
         "'agree' averages both presentation orders; 'A|B / B|A' is each order alone, so a gap between them is "
         "position bias. 50% is chance.\n"
         f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, run.log), selector: {results['checkpoint']}"
+    )
+
+
+def _paired_sentence(p: dict) -> str:
+    lo, hi = p["ci95"]
+    verdict = (
+        "the trained selector agrees with people measurably more often than the untrained one"
+        if lo > 0 and p["mcnemar_p"] < 0.05
+        else "the difference from the untrained selector is within noise"
+        if lo <= 0 <= hi
+        else "the trained selector agrees with people measurably LESS often than the untrained one"
+    )
+    return (
+        f"[bold]{verdict}[/]: {100 * p['before']:.1f}% -> {100 * p['after']:.1f}% on the same {p['n']} test pairs, "
+        f"difference {100 * p['difference']:+.1f} points (95% interval {100 * lo:+.1f} to {100 * hi:+.1f}; "
+        f"McNemar p={p['mcnemar_p']:.2g})."
     )
 
 

@@ -21,10 +21,10 @@ from .models.adapters import (
     read_adapter,
     save_adapter,
 )
-from .models.loading import load_model
+from .models.loading import cache_root, load_model
 from .runs import RunDir, seed_everything
 from .selector import build_encoder
-from .selector.metrics import agreement_report
+from .selector.metrics import agreement_report, pair_correct, paired_comparison
 from .selector.training import planned_steps, score_pairs, train_selector
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,24 @@ def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
     data = prepare_data(cfg.data, seed=cfg.seed)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     model = add_adapter(model, SELECTOR, cfg.model.lora, seed=cfg.seed)
-    encoder, choice_ids = build_encoder(tokenizer, cfg.selector, cfg.data.source)
+    encoder, choice_ids = build_encoder(
+        tokenizer,
+        cfg.selector,
+        cfg.data.source,
+        model=model,
+        lora=cfg.model.lora,
+        cache_dir=cache_root(cfg.model) / "trunk",
+        quiet=quiet,
+    )
     return Workspace(cfg, data, model, tokenizer, encoder, choice_ids, quiet)
 
 
-def evaluate(ws: Workspace, stage: str) -> dict:
-    """Agreement with the human labels of the evaluation split, per client and overall."""
-    pairs = ws.test_pairs()
+def evaluate(ws: Workspace, stage: str, pairs: list | None = None) -> dict:
+    """Agreement with the human labels of the evaluation split (or ``pairs``), per client and overall.
+
+    The report's "correct" holds each decided pair's outcome (1, 0, or 0.5) for paired tests between stages.
+    """
+    pairs = ws.test_pairs() if pairs is None else pairs
     if not pairs:
         raise ValueError("no evaluation pairs: set data.eval_split to a split that has data")
     both = ws.cfg.eval.swap_average
@@ -83,7 +94,12 @@ def evaluate(ws: Workspace, stage: str) -> dict:
     report = agreement_report(pairs, p_ab, p_ba)
     report["seconds"] = time.perf_counter() - start
     report["stage"] = stage
+    report["correct"] = pair_correct(pairs, p_ab, p_ba)
     return report
+
+
+def _logged(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "correct"}
 
 
 def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False) -> dict:
@@ -99,16 +115,28 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
             }
         )
         results = {}
+        has_test = bool(cfg.data.eval_split)
+        heldout = [p for c in ws.data.clients.values() for p in ws.encoder.encode(c.heldout)]
+        curve: list[dict] = []
         if cfg.eval.before_training:
-            results["before"] = evaluate(ws, "before")
-            run.log({"event": "eval", **results["before"]})
+            if has_test:
+                results["before"] = evaluate(ws, "before")
+                run.log({"event": "eval", **_logged(results["before"])})
+            if heldout:
+                curve.append(_heldout_point(ws, heldout, 0, 0))
+                run.log({"event": "heldout", **curve[-1]})
         train_pairs = ws.encoder.encode(ws.data.all_train())
         total = planned_steps(cfg.train, len(train_pairs))
         bar = tqdm(total=total, desc="train selector", unit="step", disable=quiet)
+        every = cfg.eval.heldout_every
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
 
         def progress(step, total, loss):
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
+            if every and heldout and step % every == 0 and step < total:
+                curve.append(_heldout_point(ws, heldout, step, step * per_step))
+                run.log({"event": "heldout", **curve[-1]})
 
         result = train_selector(
             ws.model,
@@ -130,12 +158,23 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
                 "samples": result.samples,
                 "seconds": result.seconds,
                 "truncated": dict(ws.encoder.truncated),
+                **({"trunk_cache": ws.encoder.stats} if hasattr(ws.encoder, "stats") else {}),
             }
         )
         ckpt = run.checkpoints / f"{SELECTOR}.safetensors"
         save_adapter(adapter_state(ws.model, SELECTOR), ckpt, lora_metadata(cfg.model.lora))
-        results["after"] = evaluate(ws, "after")
-        run.log({"event": "eval", **results["after"]})
+        if heldout:
+            curve.append(_heldout_point(ws, heldout, result.steps, result.samples))
+            run.log({"event": "heldout", **curve[-1]})
+            results["heldout_curve"] = curve
+        if has_test:
+            results["after"] = evaluate(ws, "after")
+            run.log({"event": "eval", **_logged(results["after"])})
+            if "before" in results:
+                results["paired"] = paired_comparison(
+                    results["before"]["correct"], results["after"]["correct"]
+                )
+                run.log({"event": "paired", **results["paired"]})
         results["train"] = {
             "steps": result.steps,
             "seconds": result.seconds,
@@ -144,9 +183,25 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
         }
         results["checkpoint"] = str(ckpt)
         results["run_dir"] = str(run.path)
+        for stage in ("before", "after"):
+            if stage in results:
+                results[stage] = _logged(results[stage])
         return results
     finally:
         run.close()
+
+
+def _heldout_point(ws: Workspace, heldout: list, step: int, pairs_seen: int) -> dict:
+    report = evaluate(ws, f"held-out, step {step}", heldout)
+    overall = report["overall"]
+    return {
+        "step": step,
+        "pairs_seen": pairs_seen,
+        "agreement": overall["agreement"],
+        "ci95": overall["ci95"],
+        "n": overall["n"],
+        "clients": {name: c["agreement"] for name, c in report["clients"].items()},
+    }
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path | None, quiet: bool = False) -> dict:
@@ -155,7 +210,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path | None, quiet: bo
     state, _ = read_adapter(ckpt)
     ws = open_workspace(cfg, quiet)
     load_adapter_state(ws.model, SELECTOR, state, where=str(ckpt))
-    report = evaluate(ws, "checkpoint")
+    report = _logged(evaluate(ws, "checkpoint"))
     report["checkpoint"] = str(ckpt)
     return report
 

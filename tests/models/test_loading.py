@@ -21,7 +21,17 @@ def test_device_and_dtype_resolution():
         assert resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             resolve_device("cuda:0")
-        assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    """bf16 where the CPU does it natively (avx512_bf16 or AMX), fp32 on AVX2-only CPUs."""
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "fma"})
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def test_missing_local_model_says_what_to_do(tmp_path):

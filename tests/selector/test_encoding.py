@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedbiscuit.data.pairs import Comparison
-from fedbiscuit.selector.encoding import PairEncoder
+from fedbiscuit.selector.encoding import PAD_MULTIPLE, PairEncoder
 from fedbiscuit.selector.prompts import TEMPLATES, Template
 
 
@@ -31,6 +31,7 @@ def test_both_orders_flip_the_target_and_pad_right(tiny):
         len(enc.sequence(p, s)) for s in (False, True) for p in pairs
     ]
     assert (ids[mask == 0] == enc.pad_id).all()
+    assert ids.shape[1] % PAD_MULTIPLE == 0 and ids.shape[1] - PAD_MULTIPLE < mask.sum(1).max()
 
 
 def test_truncation_cuts_context_first_then_responses_evenly(tiny):

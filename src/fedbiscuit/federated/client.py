@@ -14,7 +14,6 @@ from ..config import TrainConfig
 from ..data import ClientData
 from ..models.adapters import AdapterState, adapter_state, load_adapter_state
 from ..selector.encoding import EncodedPair, PairEncoder
-from ..selector.scoring import choice_logits
 from ..selector.training import choice_loss, make_optimizer, train_selector
 
 WORK_ADAPTER = "selector"  # the one adapter slot every client trains in; global states are loaded into it
@@ -114,6 +113,7 @@ class SelectorClient:
         # training pairs, which still ranks the selectors for it.
         pairs = self.heldout_pairs or self.train_pairs
         pairs = pairs[:max_pairs] if max_pairs else pairs
+        pairs = sorted(pairs, key=self.encoder.length)  # similar lengths per batch: little padding
         if not pairs:
             raise ValueError(f"client {self.name!r} has no pairs to score selectors on")
         was_training = model.training
@@ -125,13 +125,10 @@ class SelectorClient:
                 load_adapter_state(model, WORK_ADAPTER, state, where=f"selector {name}")
                 total = 0.0
                 for i in range(0, len(pairs), batch_size):
-                    ids, mask, target = self.encoder.batch(
-                        pairs[i : i + batch_size], both_orders=True, device=device
+                    logits, target = self.encoder.logits(
+                        model, pairs[i : i + batch_size], True, self.choice_ids, device
                     )
-
-                    total += float(
-                        choice_loss(choice_logits(model, ids, mask, self.choice_ids), target)
-                    ) * len(ids)
+                    total += float(choice_loss(logits, target)) * len(target)
                 losses[name] = total / (2 * len(pairs))
         finally:
             model.train(was_training)

@@ -25,12 +25,37 @@ class AdapterMismatchError(ValueError):
     pass
 
 
-def lora_config(cfg: LoraSettings) -> LoraConfig:
+def num_decoder_layers(model) -> int:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    n = getattr(base.config, "num_hidden_layers", None)
+    if n is None:  # multimodal configs keep the text model's settings one level down
+        n = getattr(base.config.get_text_config(), "num_hidden_layers", None)
+    if n is None:
+        raise ValueError(
+            f"cannot tell how many decoder blocks {type(base).__name__} has (no num_hidden_layers)"
+        )
+    return int(n)
+
+
+def top_layer_indices(cfg: LoraSettings, num_layers: int) -> list[int] | None:
+    """The blocks LoRA goes into: the last ``cfg.top_layers``, or None for all of them."""
+    if cfg.top_layers is None:
+        return None
+    if cfg.top_layers > num_layers:
+        raise ValueError(f"model.lora.top_layers={cfg.top_layers} but the model has only {num_layers} blocks")
+    return list(range(num_layers - cfg.top_layers, num_layers))
+
+
+def lora_config(cfg: LoraSettings, num_layers: int | None = None) -> LoraConfig:
+    layers = top_layer_indices(cfg, num_layers) if cfg.top_layers is not None and num_layers else None
+    if cfg.top_layers is not None and layers is None:
+        raise ValueError("model.lora.top_layers needs the model's number of blocks")
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -48,10 +73,10 @@ def add_adapter(model, name: str, cfg: LoraSettings, seed: int | None = None) ->
         if isinstance(model, PeftModel):
             if name in model.peft_config:
                 raise ValueError(f"adapter {name!r} already exists")
-            model.add_adapter(name, lora_config(cfg))
+            model.add_adapter(name, lora_config(cfg, num_decoder_layers(model)))
         else:
             try:
-                model = get_peft_model(model, lora_config(cfg), adapter_name=name)
+                model = get_peft_model(model, lora_config(cfg, num_decoder_layers(model)), adapter_name=name)
             except ValueError as err:
                 raise ValueError(f"model.lora.target_modules={list(cfg.target_modules)}: {err}") from None
     model.set_adapter(name)

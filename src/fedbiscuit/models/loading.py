@@ -40,10 +40,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    # avx512_bf16 (Cooper Lake, Zen 4 and later) or AMX (Sapphire Rapids and later): bf16 matmuls measured
+    # about 3x faster than fp32 here; on AVX2-only CPUs bf16 is emulated and slower than fp32.
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        # bf16 where the hardware does it natively; fp32 elsewhere (CPU bf16 matmuls are slow on many CPUs).
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return _DTYPES[name]
 
 

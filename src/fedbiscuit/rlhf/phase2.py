@@ -78,7 +78,7 @@ def build_judge(ws: Workspace, selectors: dict | None):
         return OpenAIJudge(j.url, j.model, j.api_key_env, j.timeout_s), "an external model"
     if j.kind == "hf":
         if j.model is None:  # the run's own base model, adapters off, prompted with the comparison template
-            encoder, choice_ids = _encoder(ws.tokenizer, ws)
+            encoder, choice_ids = _encoder(ws, lora)
             return SelectorJudge(
                 ws.model, encoder, choice_ids, None, None, "base model"
             ), "the untuned base model"
@@ -92,7 +92,7 @@ def build_judge(ws: Workspace, selectors: dict | None):
         lora = LoraSettings(**json.loads(meta["lora"])) if "lora" in meta else cfg.model.lora
         if JUDGE not in ws.model.peft_config:
             ws.model = add_adapter(ws.model, JUDGE, lora, seed=0)
-        encoder, choice_ids = _encoder(ws.tokenizer, ws)
+        encoder, choice_ids = _encoder(ws, lora)
         return SelectorJudge(ws.model, encoder, choice_ids, state, JUDGE, f"selector {j.checkpoint}"), (
             f"the selector in {j.checkpoint}"
         )
@@ -107,10 +107,20 @@ def build_judge(ws: Workspace, selectors: dict | None):
     )
 
 
-def _encoder(tokenizer, ws: Workspace):
+def _encoder(ws: Workspace, lora):
     template = ws.cfg.rlhf.judge.template
     sel = ws.cfg.selector if template == "auto" else ws.cfg.selector.model_copy(update={"template": template})
-    return build_encoder(tokenizer, sel, ws.cfg.data.source)
+    if lora.top_layers is None:  # a judge with LoRA in every block needs the full path
+        sel = sel.model_copy(update={"path": "full"})
+    return build_encoder(
+        ws.tokenizer,
+        sel,
+        ws.cfg.data.source,
+        model=ws.model,
+        lora=lora,
+        cache_dir=cache_root(ws.cfg.model) / "trunk",
+        quiet=ws.quiet,
+    )
 
 
 # ------------------------------------------------------------------------------------------ phase 2

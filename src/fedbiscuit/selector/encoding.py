@@ -13,6 +13,18 @@ import torch
 
 from ..data.pairs import Comparison
 from .prompts import Template
+from .scoring import choice_logits
+
+# Batches are padded to a multiple of this many positions. On a CPU, oneDNN builds and caches a kernel per
+# input shape (up to 1,024 of them, each holding its own packed weights): with exact widths every batch is a
+# new shape, and the cache grew by ~0.6 MB per pair while building trunk states; with widths rounded up to 32
+# it stays flat (BENCHMARKS.md). The extra positions are masked, so the numbers do not change.
+PAD_MULTIPLE = 32
+
+
+def padded_width(lengths) -> int:
+    width = max(lengths)
+    return -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 @dataclass(slots=True)
@@ -75,6 +87,14 @@ class PairEncoder:
         p0, p1, p2, p3 = self.pieces
         return p0 + pair.prompt + p1 + first + p2 + second + p3
 
+    def length(self, pair: EncodedPair) -> int:
+        return sum(len(p) for p in self.pieces) + len(pair.prompt) + len(pair.a) + len(pair.b)
+
+    def logits(self, model, pairs: list[EncodedPair], both_orders: bool, choice_ids, device=None):
+        """([R, 2] answer logits, [R] targets) for these pairs: the full path runs the whole decoder."""
+        ids, mask, target = self.batch(pairs, both_orders, device)
+        return choice_logits(model, ids, mask, choice_ids), target
+
     def batch(self, pairs: list[EncodedPair], both_orders: bool, device=None):
         """(input_ids, attention_mask, target) right-padded; target = P(first shown is better).
 
@@ -85,7 +105,7 @@ class PairEncoder:
             for p in pairs:
                 seqs.append(self.sequence(p, swap))
                 targets.append(1.0 - p.label if swap else p.label)
-        width = max(len(s) for s in seqs)
+        width = padded_width(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):

@@ -20,7 +20,7 @@ def _summary(labels: torch.Tensor, p_ab: torch.Tensor, p_ba: torch.Tensor | None
     }
     if p_ba is not None:
         p_a_from_ba = 1.0 - p_ba  # P(a better) read off the swapped presentation
-        avg = (p_ab + p_a_from_ba) / 2
+        avg = swap_average(p_ab, p_ba)
         out |= {
             "agreement_ba": _agree(p_a_from_ba, hard, decided),
             "agreement": _agree(avg, hard, decided),
@@ -30,7 +30,13 @@ def _summary(labels: torch.Tensor, p_ab: torch.Tensor, p_ba: torch.Tensor | None
         }
     else:
         out |= {"agreement": out["agreement_ab"], "brier": out["brier_ab"]}
+    out["ci95"] = list(wilson_interval(out["agreement"] * out["n"], out["n"]))
     return out
+
+
+def swap_average(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+    """P(a better) from both presentations: as shown (a, b), and 1 - P(b better) as shown (b, a)."""
+    return (p_ab + (1.0 - p_ba)) / 2
 
 
 def _agree(p: torch.Tensor, hard: torch.Tensor, decided: torch.Tensor) -> float:
@@ -57,3 +63,52 @@ def agreement_report(pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.T
         t = torch.tensor(idx)
         clients[name] = _summary(labels[t], p_ab[t], None if p_ba is None else p_ba[t])
     return {"overall": _summary(labels, p_ab, p_ba), "clients": clients}
+
+
+# ------------------------------------------------------------------------------------ intervals and tests
+
+
+def pair_correct(pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.Tensor | None) -> torch.Tensor:
+    """Per decided pair: 1 if the (swap-averaged) selector sides with people, 0 if not, 0.5 for exactly 0.5."""
+    labels = torch.tensor([p.label for p in pairs], dtype=torch.float32)
+    p = p_ab if p_ba is None else swap_average(p_ab, p_ba)
+    score = ((p > 0.5) == (labels > 0.5)).float()
+    score = torch.where(p == 0.5, torch.full_like(score, 0.5), score)
+    return score[labels != 0.5]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sensible near 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, draws: int = 10_000) -> dict:
+    """Two selectors judged on the same pairs: difference in agreement, its 95% paired-bootstrap interval, and
+    McNemar's exact test on the pairs where exactly one of them is right (half-credit ties count as wrong)."""
+    from scipy.stats import binomtest
+
+    if before.shape != after.shape or before.numel() == 0:
+        raise ValueError("paired comparison needs the same, non-empty set of pairs for both selectors")
+    diff = after - before
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, diff.numel(), (draws, diff.numel()), generator=gen)
+    boot = diff[idx].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    b, a = (before == 1.0), (after == 1.0)
+    gained, lost = int((a & ~b).sum()), int((b & ~a).sum())
+    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return {
+        "n": int(diff.numel()),
+        "before": float(before.mean()),
+        "after": float(after.mean()),
+        "difference": float(diff.mean()),
+        "ci95": [lo, hi],
+        "gained": gained,
+        "lost": lost,
+        "mcnemar_p": float(p),
+    }

@@ -20,16 +20,25 @@ def choice_logits(
 ) -> torch.Tensor:
     """[batch, 2] logits of the two answer tokens after each (right-padded) sequence."""
     base = _base(model)
+    # The decoder runs with the active LoRA adapter: peft injects it into the decoder's own layers.
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    return answer_logits(base, hidden, attention_mask, choice_ids)
+
+
+def answer_logits(
+    model, hidden: torch.Tensor, attention_mask: torch.Tensor, choice_ids: tuple[int, int]
+) -> torch.Tensor:
+    """[batch, 2]: the decoder's final (normed) hidden state at each sequence's last real token times the two
+    answer rows of the output layer. Shared by the full and the cached path."""
+    base = _base(model)
     head = base.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(
             f"the selector reads two rows of the output layer, which must be a plain nn.Linear "
             f"(got {type(head).__name__}); do not put LoRA on lm_head"
         )
-    # The decoder runs with the active LoRA adapter: peft injects it into the decoder's own layers.
-    hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     rows = list(choice_ids)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from .encoding import EncodedPair, PairEncoder
-from .scoring import choice_logits
 
 
 @dataclass
@@ -54,12 +53,26 @@ def planned_steps(cfg: TrainConfig, num_pairs: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_pairs / per_step))
 
 
-def _batches(num: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled micro-batches of indices; a new permutation per epoch, reproducible from the generator."""
+def _batches(lengths: list[int], batch_size: int, generator: torch.Generator, group_by_length: bool = True):
+    """Endless shuffled micro-batches of indices; a new permutation per epoch, reproducible from the generator.
+
+    With ``group_by_length`` each window of 50 batches is sorted by length before it is cut, and the batches of
+    an epoch are then shuffled: neighbours in a batch have similar lengths, so little of a batch is padding,
+    while every pair is still seen once per epoch in a random order of batches.
+    """
+    num = len(lengths)
     while True:
         order = torch.randperm(num, generator=generator).tolist()
-        for i in range(0, num, batch_size):
-            yield order[i : i + batch_size]
+        if not group_by_length:
+            yield from (order[i : i + batch_size] for i in range(0, num, batch_size))
+            continue
+        window = 50 * batch_size
+        batches = []
+        for w in range(0, num, window):
+            chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for j in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[j]
 
 
 def train_selector(
@@ -90,7 +103,7 @@ def train_selector(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(len(pairs), cfg.batch_size, generator)
+    batches = _batches([encoder.length(p) for p in pairs], cfg.batch_size, generator, cfg.group_by_length)
     was_training = model.training
     model.train()
     start = time.perf_counter()
@@ -104,8 +117,7 @@ def train_selector(
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 idx = next(batches)
-                ids, mask, target = encoder.batch([pairs[i] for i in idx], both_orders=True, device=device)
-                logits = choice_logits(model, ids, mask, choice_ids)
+                logits, target = encoder.logits(model, [pairs[i] for i in idx], True, choice_ids, device)
                 loss = choice_loss(logits, target)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
@@ -173,14 +185,14 @@ def score_pairs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].a) + len(pairs[i].b))
+    order = sorted(range(len(pairs)), key=lambda i: encoder.length(pairs[i]))
     p_ab = torch.empty(len(pairs))
     p_ba = torch.empty(len(pairs)) if both_orders else None
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask, _ = encoder.batch([pairs[i] for i in idx], both_orders=both_orders, device=device)
-            prob_first = torch.softmax(choice_logits(model, ids, mask, choice_ids), dim=-1)[:, 0].cpu()
+            logits, _ = encoder.logits(model, [pairs[i] for i in idx], both_orders, choice_ids, device)
+            prob_first = torch.softmax(logits, dim=-1)[:, 0].cpu()
             p_ab[idx] = prob_first[: len(idx)]
             if both_orders:
                 p_ba[idx] = prob_first[len(idx) :]
