@@ -42,7 +42,7 @@ def _model(seed=0):
 def _pairs(n=6):
     pairs = []
     for i in range(n):
-        prompt = "Human: tell me about item %d " % i + "and more " * (i % 4)
+        prompt = f"Human: tell me about item {i} " + "and more " * (i % 4)
         pairs.append(
             Comparison(
                 prompt, "the answer is yes " * (1 + i % 3), "no " * (2 + i % 2), float(i % 2), "c", "test"

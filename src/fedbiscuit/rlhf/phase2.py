@@ -78,7 +78,8 @@ def build_judge(ws: Workspace, selectors: dict | None):
         return OpenAIJudge(j.url, j.model, j.api_key_env, j.timeout_s), "an external model"
     if j.kind == "hf":
         if j.model is None:  # the run's own base model, adapters off, prompted with the comparison template
-            encoder, choice_ids = _encoder(ws, lora)
+            # the base model with adapters off reads token ids: the full path (LoRA settings without top_layers)
+            encoder, choice_ids = _encoder(ws, LoraSettings())
             return SelectorJudge(
                 ws.model, encoder, choice_ids, None, None, "base model"
             ), "the untuned base model"

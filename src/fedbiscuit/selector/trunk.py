@@ -362,9 +362,7 @@ class CachedEncoder(PairEncoder):
 
     # ------------------------------------------------------------------------------------------ using
     def _assemble(self, pairs, states, both_orders: bool, device):
-        rows = []
-        for pre, ab, ba in states:
-            rows.append(torch.cat([pre, ab]))
+        rows = [torch.cat([pre, ab]) for pre, ab, _ in states]
         if both_orders:
             rows += [torch.cat([pre, ba]) for pre, _, ba in states]
         width = padded_width(r.shape[0] for r in rows)
