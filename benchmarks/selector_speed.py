@@ -3,7 +3,7 @@
 Variants (each in its own subprocess, so its peak RSS is its own; all on SmolLM2, max_length 256):
   today        the full path as configured before the cached path existed: LoRA r=8 on q/v in all 30 blocks,
                fp32, every step runs (and back-propagates through) the whole decoder
-  full-fp32    the full path with the cached path's adapter (LoRA r=16 on every linear layer of the top 4
+  full-fp32    the full path with the cached path's adapter (LoRA r=16 on q, k, v, o of the top 4
                blocks), fp32
   cached-fp32  the cached path, fp32: the 26 frozen blocks run once per pair (timed as the cache build),
                then only the top 4 blocks
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("today", "full-fp32", "cached-fp32", "full-bf16", "cached-bf16")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _rss_mb() -> float:
@@ -51,7 +51,7 @@ def measure(variant: str, args) -> dict:
 
     path = "cached" if variant.startswith("cached") else "full"
     dtype = "bfloat16" if variant.endswith("bf16") else "float32"
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": args.top_layers, "target_modules": ALL_LINEAR}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": args.top_layers, "target_modules": QKVO}
     if variant == "today":
         lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     cache = tempfile.mkdtemp(prefix="trunk-")  # an empty store: the build is timed from scratch
@@ -125,7 +125,12 @@ def main() -> None:
         return
     rows = []
     for variant in args.variants.split(","):
-        argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # everything but --json (only the parent writes it)
+            if skip or a.startswith("--json"):
+                skip = a == "--json" and not skip
+                continue
+            argv.append(a)
         cmd = [sys.executable, __file__, "--variant", variant, *argv]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:

@@ -67,8 +67,11 @@ def test_run_writes_the_run_folder_and_eval_reproduces_it(config, tmp_path):
     assert resolved["train"]["steps"] == 3 and resolved["model"]["name_or_path"] == "tiny"
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[:2] == ["data", "eval"] and kinds[-1] == "eval" and "train_done" in kinds
-    after = events[-1]
+    assert kinds[:2] == ["data", "eval"] and kinds[-2:] == ["eval", "paired"] and "train_done" in kinds
+    after = events[-2]
+    paired = events[-1]
+    assert paired["n"] == 16 and paired["after"] == pytest.approx(after["overall"]["agreement"])
+    assert paired["before"] == pytest.approx(events[1]["overall"]["agreement"])
     assert set(after["clients"]) == {"harmless-base", "helpful-base"} and after["overall"]["n"] == 16
     assert (run / "checkpoints" / "selector.safetensors").is_file() and (run / "run.log").is_file()
 
@@ -77,6 +80,44 @@ def test_run_writes_the_run_folder_and_eval_reproduces_it(config, tmp_path):
     report = json.loads(result.output)
     assert report["overall"]["agreement"] == pytest.approx(after["overall"]["agreement"])
     assert report["overall"]["brier"] == pytest.approx(after["overall"]["brier"], abs=1e-6)
+
+
+def test_cached_centralized_run_reports_the_paired_test_and_a_heldout_curve(config, tmp_path):
+    """The cached path end to end: the store is built once, a second run finds every pair, and the run folder
+    holds the learning curve on the held-out slice and the paired test on the evaluation split."""
+    args = [
+        "run",
+        str(config),
+        "selector.path=cached",
+        "model.lora.top_layers=1",
+        f"selector.cache_dir={tmp_path / 'trunk'}",
+        "data.heldout_fraction=0.25",
+        "train.steps=4",
+        "eval.heldout_every=2",
+        "--quiet",
+        "--overwrite",
+    ]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # rich wraps lines
+    assert "on the same 16 test pairs" in flat and "McNemar" in flat
+    run = tmp_path / "runs" / "tiny-run"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [e for e in events if e["event"] == "heldout"]
+    assert [e["step"] for e in curve] == [0, 2, 4] and [e["pairs_seen"] for e in curve] == [0, 8, 16]
+    heldout_n = curve[0]["n"]
+    assert heldout_n > 0 and all(e["n"] == heldout_n for e in curve)
+    done = next(e for e in events if e["event"] == "train_done")
+    train_n = sum(next(e for e in events if e["event"] == "data")["clients"].values())
+    assert done["trunk_cache"]["built"] == train_n + heldout_n + 16  # every pair once, then found
+    (store,) = (tmp_path / "trunk").iterdir()
+    assert len(json.loads((store / "index.json").read_text())) == train_n + heldout_n + 16
+
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    again = next(e for e in events if e["event"] == "train_done")["trunk_cache"]
+    assert again["built"] == 0 and again["found"] > 0
 
 
 def test_bad_override_is_a_clear_error(config):
@@ -114,6 +155,8 @@ def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp
         "rlhf.best_of_n=2",
         "rlhf.best_of_n_prompts=2",
         f"model.cache_dir={tmp_path / 'cache'}",
+        "selector.path=cached",  # as the quickstart: labelling and grouping on cached trunk states
+        "model.lora.top_layers=1",
         "--quiet",
     ]
     result = runner.invoke(app, ["run", str(config), *overrides], terminal_width=200)

@@ -38,3 +38,41 @@ def test_an_exact_tie_counts_half():
     assert rep["overall"]["agreement_ab"] == pytest.approx(0.5) and rep["overall"][
         "position_bias"
     ] == pytest.approx(0.3)
+
+
+def test_wilson_interval_matches_the_formula():
+    from fedbiscuit.selector.metrics import wilson_interval
+
+    lo, hi = wilson_interval(60, 100)
+    assert lo == pytest.approx(0.5020, abs=1e-4) and hi == pytest.approx(0.6906, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)  # stays inside [0, 1] where the normal approximation would not
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.25 < hi < 0.35
+
+
+def test_paired_comparison_counts_discordant_pairs_and_tests_them():
+    from scipy.stats import binomtest
+
+    from fedbiscuit.selector.metrics import paired_comparison
+
+    before = torch.tensor([1.0] * 50 + [0.0] * 50)
+    after = torch.tensor([1.0] * 40 + [0.0] * 10 + [1.0] * 35 + [0.0] * 15)  # lost 10, gained 35
+    out = paired_comparison(before, after)
+    assert (out["gained"], out["lost"], out["n"]) == (35, 10, 100)
+    assert out["difference"] == pytest.approx(0.25)
+    assert out["mcnemar_p"] == pytest.approx(binomtest(35, 45, 0.5).pvalue)
+    assert out["ci95"][0] < 0.25 < out["ci95"][1] and out["ci95"][0] > 0.1
+    same = paired_comparison(before, before)
+    assert same["mcnemar_p"] == 1.0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same, non-empty"):
+        paired_comparison(before, after[:10])
+
+
+def test_pair_correct_agrees_with_the_report():
+    from fedbiscuit.selector.metrics import pair_correct
+
+    pairs = _pairs([1.0, 1.0, 0.0, 0.5, 0.0], ["x"] * 5)
+    p_ab = torch.tensor([0.9, 0.6, 0.7, 0.5, 0.8])
+    p_ba = torch.tensor([0.2, 0.7, 0.6, 0.5, 0.8])  # the last pair averages to exactly 0.5: half credit
+    correct = pair_correct(pairs, p_ab, p_ba)
+    assert correct.tolist() == [1.0, 0.0, 0.0, 0.5]  # the tie label (0.5) is not a decided pair
+    assert float(correct.mean()) == pytest.approx(agreement_report(pairs, p_ab, p_ba)["overall"]["agreement"])

@@ -114,3 +114,22 @@ def test_schedules_are_centralized_only():
 
     with pytest.raises(ConfigError, match="train.schedule"):
         config_from_dict({"pipeline": "federated", "train": {"schedule": "linear"}}, "test")
+
+
+def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_little_padding():
+    from fedbiscuit.selector.training import _batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(10, 500, (400,), generator=torch.Generator().manual_seed(1))]
+    batches = _batches(lengths, 8, gen, group_by_length=True)
+    epoch = [next(batches) for _ in range(50)]
+    assert sorted(i for b in epoch for i in b) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / len(epoch)
+    plain = _batches(lengths, 8, torch.Generator().manual_seed(0), group_by_length=False)
+    plain_spread = (
+        sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in (next(plain) for _ in range(50)))
+        / 50
+    )
+    assert spread < plain_spread / 5  # neighbours in a batch have similar lengths
+    shortest = [min(lengths[i] for i in b) for b in epoch]
+    assert shortest != sorted(shortest)  # but the batches come in a shuffled order

@@ -48,6 +48,7 @@ class SelectorClient:
         self.choice_ids = choice_ids
         self._train: list[EncodedPair] | None = None
         self._heldout: list[EncodedPair] | None = None
+        self._scoring: tuple[int | None, list[EncodedPair]] | None = None
         # AdamW state carried across rounds, only with reset_optimizer=False (checkpointed with the server state)
         self.optimizer_state: dict | None = None
 
@@ -63,6 +64,14 @@ class SelectorClient:
         if self._heldout is None:
             self._heldout = self.encoder.encode(self.data.heldout)
         return self._heldout
+
+    def scoring_pairs(self, max_pairs: int | None) -> list[EncodedPair]:
+        """The (prefix of the) held-out slice selectors are scored on, encoded only that far: on the cached
+        path, encoding a pair computes its trunk states, and a grouping round needs only ``max_pairs``."""
+        if self._scoring is None or self._scoring[0] != max_pairs:
+            raw = self.data.heldout or self.data.train
+            self._scoring = (max_pairs, self.encoder.encode(raw[:max_pairs] if max_pairs else raw))
+        return self._scoring[1]
 
     def train(
         self,
@@ -111,8 +120,7 @@ class SelectorClient:
         """Mean choice loss of every selector on (a prefix of) the held-out slice, both orders, no gradients."""
         # A small client may have no held-out pair (the slice is drawn by prompt hash): it then scores on its
         # training pairs, which still ranks the selectors for it.
-        pairs = self.heldout_pairs or self.train_pairs
-        pairs = pairs[:max_pairs] if max_pairs else pairs
+        pairs = self.scoring_pairs(max_pairs)
         pairs = sorted(pairs, key=self.encoder.length)  # similar lengths per batch: little padding
         if not pairs:
             raise ValueError(f"client {self.name!r} has no pairs to score selectors on")
