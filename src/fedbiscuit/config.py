@@ -233,11 +233,15 @@ class FedBiscuitConfig(_Section):
     warmup_rounds: int = Field(default=50, ge=1)  # W: selector k trains alone in rounds [k*W, (k+1)*W)
     regroup_every: int = Field(default=50, ge=1)  # G: regroup at round K*W and every G rounds after
     # optimal: minimum total held-out loss over balanced assignments (Hungarian on replicated slots).
-    # greedy: the paper's rule (each client asks for its best open selector, the most asked keeps up to
-    # ceil(unplaced/open) and closes). Optimal is the default: it is never worse on the objective both share.
-    assignment: Literal["optimal", "greedy"] = "optimal"
+    # greedy: the reference code's rule (in a shuffled client order, each client asks for its best open
+    # selector; the most asked keeps its first ceil(unplaced/open) askers and closes). greedy_lowest_loss: the
+    # same, keeping the askers with the lowest loss (ours, not the reference's). Optimal is the default: it is
+    # never worse on the objective all three share.
+    assignment: Literal["optimal", "greedy", "greedy_lowest_loss"] = "optimal"
     # mean: each selector becomes the average of its sampled members' adapters.
-    # paper: theta_k += (1/N) * sum of the sampled members' deltas, N = number of all clients.
+    # paper: after the first grouping, theta_k += (1/N) * sum of the sampled members' deltas, N = all clients
+    # (with weighting=samples, each delta weighted by its samples over all clients' samples); warm-up rounds
+    # average plainly, as in the reference.
     update: Literal["mean", "paper"] = "mean"
     grouping_pairs: int | None = Field(default=None, ge=1)  # held-out pairs per client scored for grouping
 
