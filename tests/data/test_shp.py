@@ -75,7 +75,10 @@ def test_a_domain_that_matches_no_rows_is_named(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="askcooking"):
         shp.load(SHPData(root=str(tmp_path), domains=["askcooking"]), "train")  # no such folder
     # on the hub every domain sits in one table: a domain no row carries is an error, not an empty run
-    rows = [(1, shp_row("q", "a", "b", 1, "askculinary_train")), (2, shp_row("r", "c", "d", 0, "askphysics_train"))]
+    rows = [
+        (1, shp_row("q", "a", "b", 1, "askculinary_train")),
+        (2, shp_row("r", "c", "d", 0, "askphysics_train")),
+    ]
     monkeypatch.setattr(shp, "hub_rows", lambda hub_id, split: iter(rows))
     pairs, _ = shp.load(SHPData(domains=["askphysics"]), "train")
     assert [(p.prompt, p.client) for p in pairs] == [("r", "askphysics")]
