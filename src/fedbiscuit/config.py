@@ -31,13 +31,14 @@ class PartitionConfig(_Section):
 
     ``natural``: one client per natural id (HH subset, TL;DR worker, SHP domain, the generic client column),
     each optionally cut into ``split_each`` sub-clients by a hash of the prompt. ``iid`` and ``dirichlet``
-    re-partition all pairs into ``num_clients`` clients with flwr-datasets (Dirichlet over the natural id).
+    re-partition the distinct prompts into ``num_clients`` clients with flwr-datasets (Dirichlet over the
+    natural id); every pair follows its prompt, so one post's comparisons sit on one client.
     """
 
     method: Literal["natural", "iid", "dirichlet"] = "natural"
     num_clients: int | None = Field(default=None, ge=1)
     alpha: float = Field(default=0.3, gt=0)
-    min_partition_size: int = Field(default=1, ge=0)
+    min_partition_size: int = Field(default=1, ge=0)  # in prompts
     split_each: int = Field(default=1, ge=1)
     # natural ids with fewer than this many pairs are merged into one client named "merged-small"
     merge_below: int = Field(default=0, ge=0)

@@ -84,3 +84,30 @@ def test_a_domain_that_matches_no_rows_is_named(tmp_path, monkeypatch):
     assert [(p.prompt, p.client) for p in pairs] == [("r", "askphysics")]
     with pytest.raises(DataError, match="data.domains names domains with no 'train' rows: askcooking"):
         shp.load(SHPData(domains=["askphysics", "askcooking"]), "train")
+
+
+def test_dirichlet_assigns_posts_and_their_comparisons_follow(tmp_path):
+    # SHP has several comparisons per post; the reference partitions the posts, so a post never sits on two
+    # clients (a per-pair partition spreads a post's 4 comparisons over several of the 5 clients).
+    for dom in ("askculinary", "askphysics"):
+        rows = [
+            shp_row(f"{dom} post {i}", f"a{i}-{j}", f"b{i}-{j}", j % 2, f"{dom}_train", f"{dom}-{i}")
+            for i in range(12)
+            for j in range(4)
+        ]
+        write_jsonl(tmp_path / dom / "train.json", rows)
+    cfg = SHPData(
+        root=str(tmp_path),
+        eval_split=None,
+        heldout_fraction=0.0,
+        partition=PartitionConfig(method="dirichlet", num_clients=5, alpha=0.3),
+    )
+    for seed in range(3):
+        fed = prepare_data(cfg, seed=seed)
+        owner: dict[str, set[str]] = {}
+        for name, c in fed.clients.items():
+            for p in c.train:
+                owner.setdefault(p.uid, set()).add(name)
+        assert len(owner) == 24 and all(len(clients) == 1 for clients in owner.values())
+        assert sum(len(c.train) for c in fed.clients.values()) == 96
+        assert all(len(c.train) % 4 == 0 for c in fed.clients.values())  # whole posts only
