@@ -59,6 +59,23 @@ def test_data_lists_clients_and_drops(config):
     assert "kept 48 pairs" in result.output
 
 
+def test_data_names_a_client_left_with_no_training_pairs(tmp_path):
+    rows = [
+        {"prompt": p, "chosen": "a", "rejected": "b", "user": u}
+        for p, u in (("lonely 0", "u1"), ("lonely 1", "u1"), ("lonely 3", "u2"))  # "lonely 3" is held out
+    ]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "g.yaml"
+    data = {"source": "generic", "root": str(tmp_path / "d"), "eval_split": None, "heldout_fraction": 0.25}
+    path.write_text(yaml.safe_dump({"data": {**data, "columns": {"client": "user"}}}))
+    result = runner.invoke(app, ["data", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps long lines
+    assert "u2 (skipped)" in out and "held-out pairs of clients with no training pairs: 1" in out
+    assert "no training pairs (all their pairs fell in the held-out slice): u2" in out
+
+
 def test_run_writes_the_run_folder_and_eval_reproduces_it(config, tmp_path):
     result = runner.invoke(app, ["run", str(config), "train.steps=3", "--quiet"], terminal_width=200)
     assert result.exit_code == 0, result.output

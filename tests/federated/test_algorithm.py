@@ -103,3 +103,12 @@ def test_paper_rule_weights_each_delta_by_its_share_of_all_clients_samples():
     assert torch.allclose(warm.selectors["selector-0"]["w"], torch.full((2,), (10 * 3 + 30 * 5) / 40))
     with pytest.raises(ValueError, match="sample count"):
         algo.aggregate(ServerState(6, {"selector-0": _w(1)}), replies, round_=6)
+
+
+def test_fewer_clients_than_min_clients_is_an_error_before_round_zero():
+    cfg = FederatedConfig(clients_per_round=3, min_clients=3)
+    with pytest.raises(
+        ValueError, match=r"only 2 clients can train \(a, b\), fewer than federated.min_clients=3"
+    ):
+        Algorithm(cfg, ["a", "b"], 0)
+    assert Algorithm(cfg, ["a", "b", "c"], 0).clients == ["a", "b", "c"]

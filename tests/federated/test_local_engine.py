@@ -363,3 +363,18 @@ def test_local_baseline_with_unmatched_evaluation_clients_is_a_clear_error(tmp_p
     raw["data"]["partition"] = {"method": "iid", "num_clients": 4}
     with pytest.raises(ValueError, match="local baseline"):
         run_federated(config_from_dict(raw), quiet=True)
+
+
+def test_a_client_with_no_training_pairs_is_skipped_and_named_in_the_metrics(tmp_path):
+    raw = make_cfg(tmp_path, "lonely", rounds=1)
+    lonely = json.dumps({"prompt": "lonely 3", "chosen": "yes", "rejected": "no", "client": "client-lonely"})
+    for split in ("train", "test"):  # "lonely 3" falls in the 25% held-out slice: nothing left to train on
+        with open(tmp_path / "data" / f"{split}.jsonl", "a") as fh:
+            fh.write(lonely + "\n")
+    result = run_federated(config_from_dict(raw), quiet=True)
+    records = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    (data,) = [r for r in records if r["event"] == "data"]
+    assert "client-lonely" not in data["clients"] and len(data["clients"]) == 8
+    assert data["dropped"] == {"held-out pairs of clients with no training pairs": 1}
+    assert any(n.endswith("client-lonely") for n in data["notes"])
+    assert result["rounds"] == 1

@@ -23,6 +23,12 @@ class Algorithm:
         self.cfg = cfg
         self.clients = list(client_names)
         self.seed = seed
+        if len(self.clients) < cfg.min_clients:
+            # every round would fall short of min_clients valid returns: say so before round 0
+            raise ValueError(
+                f"only {len(self.clients)} clients can train ({', '.join(self.clients) or 'none'}), fewer than "
+                f"federated.min_clients={cfg.min_clients}"
+            )
         fb = cfg.fedbiscuit
         if cfg.algorithm == "fedbiscuit":
             if fb.num_selectors > len(self.clients):
