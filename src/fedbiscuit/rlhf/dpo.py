@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DPOConfig, GenerationConfig
-from .generation import render_prompt
+from .generation import prompt_ids, render_prompt
 
 
 @dataclass(slots=True)
@@ -52,8 +52,6 @@ def encode_preferences(
     chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False).input_ids
     rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    # An empty prompt would leave the first response token with no position to be predicted from.
-    start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
     def end(ids: list[int], finished: bool) -> list[int]:
         # EOS only where the text really ended: a reply cut at the limit must not teach the policy to stop there
@@ -61,7 +59,9 @@ def encode_preferences(
 
     return [
         EncodedPreference(
-            pr[-gen.max_prompt_length :] or start,
+            # an empty prompt becomes the start token: the context generation sampled the reply after, and a
+            # position for the first response token to be predicted from
+            prompt_ids(tokenizer, pr, gen.max_prompt_length),
             end(c, getattr(p, "chosen_finished", True)),
             end(r, getattr(p, "rejected_finished", True)),
         )
