@@ -391,6 +391,10 @@ class RunConfig(_Section):
     # centralized: one selector on all data. federated: FedBis/FedBiscuit selectors. rlhf: selectors (phase 1,
     # or a finished run's), then DPO of the policy and its evaluation (phase 2).
     pipeline: Literal["centralized", "federated", "rlhf"] = "centralized"
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms and cuBLAS's fixed workspace), so a resumed
+    # or repeated run on CUDA gives the same adapters bit for bit, as it always does on CPU. Slower on GPU; an
+    # op with no deterministic kernel then raises instead of running.
+    deterministic: bool = False
     data: DataConfig = Field(default_factory=HHRLHFData)
     model: ModelConfig = ModelConfig()
     selector: SelectorConfig = SelectorConfig()
