@@ -1,12 +1,15 @@
-"""Phase 2 cost: generation tokens/s, and a DPO step ours against trl's DPOTrainer run plainly, same pairs.
+"""Phase 2 cost: generation tokens/s, and a DPO step ours against trl's DPOTrainer, measured in one run.
 
 ours: texts tokenised once, reference log-probabilities computed once up front (the reference is the base with
       the adapter disabled and never changes), the output layer applied only at response tokens.
-trl:  DPOTrainer with a peft LoraConfig (its reference is the same model with the adapter disabled, computed
-      at every step), default settings otherwise.
+trl:  DPOTrainer as a user would set it up for this job: a peft LoraConfig (its reference is the same model with
+      the adapter disabled, computed at every step), fp32 on CPU and no gradient checkpointing (trl's
+      DPOConfig defaults to bf16 and gradient checkpointing, both slower here), defaults otherwise.
 
-Both train a LoRA r=8 (q_proj, v_proj) policy on the same HH-RLHF pairs, batch 4 pairs, fp32 on CPU; each
-runs in its own subprocess so its peak RSS is its own. Prints a Markdown table.
+Both train a LoRA r=8 (q_proj, v_proj) policy on the same HH-RLHF pairs, batch 4 pairs, fp32 on CPU. Each
+method lives in its own worker process (so its peak RSS is its own), both are loaded first, and then the steps
+alternate: ours, trl, trl, ours, ... one step at a time, so both run under the same load. Every step is timed
+inside its worker and reported as measured. Prints a Markdown table.
 
     python benchmarks/phase2_cost.py                 # SmolLM2
     python benchmarks/phase2_cost.py --model tiny    # a smoke run
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +53,19 @@ def _model(args):
     return load_model(ModelConfig(name_or_path=args.model, device="cpu", dtype="float32"))
 
 
-def measure_ours(args) -> dict:
+# ------------------------------------------------------------------------- lockstep protocol
+# A worker prints "@@" + JSON lines (anything else on stdout is a library talking) and, before each step,
+# waits for a "go" line from the parent on stdin.
+def _emit(record: dict) -> None:
+    print("@@" + json.dumps(record), flush=True)
+
+
+def _wait_for_go() -> None:
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("the parent went away")
+
+
+def worker_ours(args) -> None:
     import torch
 
     from fedbiscuit.config import DPOConfig, GenerationConfig, LoraSettings
@@ -71,27 +87,31 @@ def measure_ours(args) -> dict:
     prefs = encode_preferences(tok, pairs, gen, max_response_tokens=128)
     ref = reference_logps(model, prefs, tok.pad_token_id, batch_size=args.batch)
     ref_s = time.perf_counter() - t
+    _emit({"ready": True, "pairs": len(prefs)})
     cfg = DPOConfig(lr=5e-5, batch_size=args.batch, log_every=1)
-    times = []
-    last = [time.perf_counter()]
+    began = [0.0]
 
     def progress(step, total, loss):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+        _emit({"step": step, "seconds": time.perf_counter() - began[0]})
+        if step < total:
+            _wait_for_go()
+            began[0] = time.perf_counter()
 
+    _wait_for_go()
+    began[0] = time.perf_counter()
     train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, steps=args.steps + 1, progress=progress)
-    return {
-        "method": "ours",
-        "gen_tokens_per_s": tokens / gen_s,
-        "gen_tokens": tokens,
-        "step_s": sum(times[1:]) / len(times[1:]),  # the first step warms up allocators
-        "ref_s_per_pair": ref_s / len(prefs),
-        "peak_rss_mb": _rss_mb(),
-    }
+    _emit(
+        {
+            "done": True,
+            "gen_tokens_per_s": tokens / gen_s,
+            "gen_tokens": tokens,
+            "ref_s_per_pair": ref_s / len(prefs),
+            "peak_rss_mb": _rss_mb(),
+        }
+    )
 
 
-def measure_trl(args) -> dict:
+def worker_trl(args) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -108,14 +128,17 @@ def measure_trl(args) -> dict:
         "chosen": [p.chosen for p in pairs],
         "rejected": [p.rejected for p in pairs],
     }
-    times = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+    class Lockstep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _emit({"ready": True, "pairs": len(pairs)})
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _wait_for_go()
             self.t = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+        def on_step_end(self, args, state, control, **kwargs):
+            _emit({"step": state.global_step, "seconds": time.perf_counter() - self.t})
 
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "fedbiscuit-trl-bench"
     cfg = DPOConfig(
@@ -125,6 +148,9 @@ def measure_trl(args) -> dict:
         learning_rate=5e-5,
         beta=0.1,
         use_cpu=True,
+        bf16=False,  # fp32, as ours (trl's default bf16 is slow on CPU)
+        gradient_checkpointing=False,  # trl's default recomputes activations: memory for time, not needed here
+        precompute_ref_log_probs=False,  # the default: the adapter-disabled reference runs at every step
         report_to=[],
         logging_steps=1000,
         save_strategy="no",
@@ -138,14 +164,29 @@ def measure_trl(args) -> dict:
         train_dataset=Dataset.from_dict(rows),
         processing_class=tok,
         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
-        callbacks=[Timer()],
+        callbacks=[Lockstep()],
     )
     trainer.train()
-    return {
-        "method": "trl DPOTrainer",
-        "step_s": sum(times[1:]) / len(times[1:]),
-        "peak_rss_mb": _rss_mb(),
-    }
+    _emit({"done": True, "peak_rss_mb": _rss_mb()})
+
+
+class Worker:
+    def __init__(self, method: str, args):
+        cmd = [sys.executable, __file__, "--worker", method, "--model", args.model, "--data", args.data]
+        cmd += ["--batch", str(args.batch), "--steps", str(args.steps), "--new-tokens", str(args.new_tokens)]
+        self.method = method
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"the {self.method} worker ended early (exit code {self.proc.wait()})")
+
+    def step(self) -> float:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.read()["seconds"]
 
 
 def main() -> None:
@@ -157,44 +198,45 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--only", choices=["ours", "trl"])
+    p.add_argument("--worker", choices=["ours", "trl"])
     args = p.parse_args()
-    if args.only:
-        print(json.dumps((measure_ours if args.only == "ours" else measure_trl)(args)))
+    if args.worker:
+        (worker_ours if args.worker == "ours" else worker_trl)(args)
         return
-    results = []
-    for method in ("ours", "trl"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--only",
-            method,
-            "--model",
-            args.model,
-            "--data",
-            args.data,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--new-tokens",
-            str(args.new_tokens),
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    ours, trl = results
+    workers = [Worker("ours", args), Worker("trl", args)]
+    try:
+        for w in workers:
+            ready = w.read()
+            assert ready.get("ready"), ready
+        times: dict[str, list[float]] = {"ours": [], "trl": []}
+        for step in range(args.steps + 1):  # step 0 warms up allocators in both; it is reported apart
+            for w in workers if step % 2 == 0 else reversed(workers):  # ours, trl, trl, ours, ...
+                times[w.method].append(w.step())
+        ours, trl = (w.read() for w in workers)
+    finally:
+        for w in workers:
+            w.proc.kill()
     print(
         f"generation: {ours['gen_tokens']} new tokens, {ours['gen_tokens_per_s']:.1f} tokens/s "
         f"(8 prompts x 2 samples, batch 8, {args.new_tokens} max new tokens)"
     )
     print(f"reference log-probs (ours, once per pair): {ours['ref_s_per_pair']:.2f} s per pair\n")
-    print(f"| method | DPO step (s), batch {args.batch} pairs | peak RSS (MB) |")
-    print("|---|---|---|")
-    for r in results:
-        print(f"| {r['method']} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     print(
-        f"\nours is {trl['step_s'] / ours['step_s']:.2f}x trl's step time "
-        f"(ours excludes the one-off reference pass: {ours['ref_s_per_pair'] * args.batch:.2f} s per batch)"
+        f"| method | DPO step (s), batch {args.batch} pairs: mean, median of {args.steps} | "
+        "first step (s) | every step (s) | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, label, done in (("ours", "ours", ours), ("trl", "trl DPOTrainer", trl)):
+        t = times[name]
+        steps = ", ".join(f"{x:.2f}" for x in t[1:])
+        print(
+            f"| {label} | {statistics.mean(t[1:]):.2f}, {statistics.median(t[1:]):.2f} | {t[0]:.2f} | {steps} | "
+            f"{done['peak_rss_mb']:.0f} |"
+        )
+    ratio = statistics.mean(times["trl"][1:]) / statistics.mean(times["ours"][1:])
+    print(
+        f"\ntrl's mean step takes {ratio:.2f}x ours (ours excludes its one-off reference pass: "
+        f"{ours['ref_s_per_pair'] * args.batch:.2f} s per batch of {args.batch})"
     )
 
 

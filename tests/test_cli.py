@@ -1,12 +1,14 @@
 """The command line end to end, on fixture data in the upstream HH layout and the tiny model."""
 
 import json
+import math
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fedbiscuit.cli import app
+from fedbiscuit.federated.checkpoint import load_checkpoint
 from tests.fixtures import hh_row, write_hh
 
 runner = CliRunner()
@@ -57,6 +59,23 @@ def test_data_lists_clients_and_drops(config):
     assert "harmless-base" in result.output and "helpful-base" in result.output
     assert "identical responses: 2" in result.output  # one per subset in train
     assert "kept 48 pairs" in result.output
+
+
+def test_data_names_a_client_left_with_no_training_pairs(tmp_path):
+    rows = [
+        {"prompt": p, "chosen": "a", "rejected": "b", "user": u}
+        for p, u in (("lonely 0", "u1"), ("lonely 1", "u1"), ("lonely 3", "u2"))  # "lonely 3" is held out
+    ]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "g.yaml"
+    data = {"source": "generic", "root": str(tmp_path / "d"), "eval_split": None, "heldout_fraction": 0.25}
+    path.write_text(yaml.safe_dump({"data": {**data, "columns": {"client": "user"}}}))
+    result = runner.invoke(app, ["data", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps long lines
+    assert "u2 (skipped)" in out and "held-out pairs of clients with no training pairs: 1" in out
+    assert "no training pairs (all their pairs fell in the held-out slice): u2" in out
 
 
 def test_run_writes_the_run_folder_and_eval_reproduces_it(config, tmp_path):
@@ -166,5 +185,47 @@ def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp
     assert "initial policy" in out and "tuned policy" in out and "best-of-2 probe" in out
     assert "How to read this" in out and "NOT independent" in out
     run = tmp_path / "runs" / "tiny-run"
-    assert (run / "report.md").is_file() and (run / "winrate.png").is_file() and (run / "dpo.png").is_file()
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "run.log",
+        "report.md",
+        "checkpoints",
+    }
+    assert (run / "winrate.png").stat().st_size > 5_000 and (run / "dpo.png").stat().st_size > 5_000
     assert "## Phase 2" in (run / "report.md").read_text()
+    checkpoints = {p.name for p in (run / "checkpoints").iterdir()}
+    assert {"round-000003.safetensors", "policy-iter0.safetensors", "policy.safetensors"} <= checkpoints
+    phase1 = load_checkpoint(run / "checkpoints" / "round-000003.safetensors")
+    assert phase1.round == 3 and sorted(phase1.selectors) == ["selector-0", "selector-1"]
+    assert set(phase1.clusters) == {"harmless-base", "helpful-base"}
+
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    by_kind: dict[str, list[dict]] = {}
+    for e in events:
+        by_kind.setdefault(e["event"], []).append(e)
+    # phase 1: three rounds of two clients, one grouping (K=2, W=1: at round 2), two scored pairs per client
+    assert [r["round"] for r in by_kind["round"]] == [0, 1, 2]
+    assert all(len(r["clients"]) == 2 and not r["rejected"] for r in by_kind["round"])
+    assert [r["warmup"] for r in by_kind["round"]] == [True, True, False]
+    (grouping,) = by_kind["grouping"]
+    assert grouping["round"] == 2 and set(grouping["assignment"]) == {"harmless-base", "helpful-base"}
+    assert all(set(row) == {"selector-0", "selector-1"} for row in grouping["losses"].values())
+    # phase 2: 4 prompts x 2 candidates -> one pair each; every pair labelled, undecided, or identical
+    (labels,) = by_kind["labels"]
+    assert labels["pairs"] + labels["undecided"] + labels["identical"] == 4
+    assert labels["first_won"] + labels["second_won"] == labels["pairs"] >= 1
+    done = by_kind["phase2_done"][-1]
+    assert done["dpo"]["steps"] == math.ceil(labels["pairs"] / 2)  # one epoch of micro-batches of 2
+    assert by_kind["dpo"][-1]["step"] == done["dpo"]["steps"]
+    assert 0.0 <= done["dpo"]["reward_accuracy"] <= 1.0
+    initial, final = by_kind["winrate"]
+    assert (initial["label"], final["label"]) == ("initial policy", "tuned policy")
+    for w in (initial, final):
+        assert w["prompts"] == 4 and w["wins"] + w["losses"] + w["ties"] == 4
+        assert w["win_rate"] == pytest.approx((w["wins"] + 0.5 * w["ties"]) / 4)
+    (best,) = by_kind["best_of_n"]
+    assert best["n"] == 2 and best["prompts"] == 2 and best["pick_vs_reference"]["prompts"] == 2
+    assert done["final"]["win_rate"] == final["win_rate"] and done["best_of_n"] == {
+        k: v for k, v in best.items() if k not in ("event", "time")
+    }

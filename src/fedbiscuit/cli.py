@@ -269,8 +269,11 @@ def data(config: Path, overrides: list[str] | None = _OVERRIDES) -> None:
         table.add_column(col, justify="left" if col == "client" else "right")
     for name, c in fed.clients.items():
         table.add_row(name, str(len(c.train)), str(len(c.heldout)), str(len(c.test)))
+    for name, held in fed.report.skipped.items():  # no training pairs: left out of the run
+        table.add_row(f"{name} (skipped)", "0", str(held), str(len(fed.eval_only.get(name, []))), style="dim")
     for name, pairs in fed.eval_only.items():
-        table.add_row(name, "0", "0", str(len(pairs)))
+        if name not in fed.report.skipped:
+            table.add_row(name, "0", "0", str(len(pairs)))
     table.add_row(
         "total",
         str(sum(len(c.train) for c in fed.clients.values())),

@@ -31,13 +31,14 @@ class PartitionConfig(_Section):
 
     ``natural``: one client per natural id (HH subset, TL;DR worker, SHP domain, the generic client column),
     each optionally cut into ``split_each`` sub-clients by a hash of the prompt. ``iid`` and ``dirichlet``
-    re-partition all pairs into ``num_clients`` clients with flwr-datasets (Dirichlet over the natural id).
+    re-partition the distinct prompts into ``num_clients`` clients with flwr-datasets (Dirichlet over the
+    natural id); every pair follows its prompt, so one post's comparisons sit on one client.
     """
 
     method: Literal["natural", "iid", "dirichlet"] = "natural"
     num_clients: int | None = Field(default=None, ge=1)
     alpha: float = Field(default=0.3, gt=0)
-    min_partition_size: int = Field(default=1, ge=0)
+    min_partition_size: int = Field(default=1, ge=0)  # in prompts
     split_each: int = Field(default=1, ge=1)
     # natural ids with fewer than this many pairs are merged into one client named "merged-small"
     merge_below: int = Field(default=0, ge=0)
@@ -249,11 +250,15 @@ class FedBiscuitConfig(_Section):
     warmup_rounds: int = Field(default=50, ge=1)  # W: selector k trains alone in rounds [k*W, (k+1)*W)
     regroup_every: int = Field(default=50, ge=1)  # G: regroup at round K*W and every G rounds after
     # optimal: minimum total held-out loss over balanced assignments (Hungarian on replicated slots).
-    # greedy: the paper's rule (each client asks for its best open selector, the most asked keeps up to
-    # ceil(unplaced/open) and closes). Optimal is the default: it is never worse on the objective both share.
-    assignment: Literal["optimal", "greedy"] = "optimal"
+    # greedy: the reference code's rule (in a shuffled client order, each client asks for its best open
+    # selector; the most asked keeps its first ceil(unplaced/open) askers and closes). greedy_lowest_loss: the
+    # same, keeping the askers with the lowest loss (ours, not the reference's). Optimal is the default: it is
+    # never worse on the objective all three share.
+    assignment: Literal["optimal", "greedy", "greedy_lowest_loss"] = "optimal"
     # mean: each selector becomes the average of its sampled members' adapters.
-    # paper: theta_k += (1/N) * sum of the sampled members' deltas, N = number of all clients.
+    # paper: after the first grouping, theta_k += (1/N) * sum of the sampled members' deltas, N = all clients
+    # (with weighting=samples, each delta weighted by its samples over all clients' samples); warm-up rounds
+    # average plainly, as in the reference.
     update: Literal["mean", "paper"] = "mean"
     grouping_pairs: int | None = Field(default=None, ge=1)  # held-out pairs per client scored for grouping
 
@@ -402,6 +407,10 @@ class RunConfig(_Section):
     # centralized: one selector on all data. federated: FedBis/FedBiscuit selectors. rlhf: selectors (phase 1,
     # or a finished run's), then DPO of the policy and its evaluation (phase 2).
     pipeline: Literal["centralized", "federated", "rlhf"] = "centralized"
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms and cuBLAS's fixed workspace), so a resumed
+    # or repeated run on CUDA gives the same adapters bit for bit, as it always does on CPU. Slower on GPU; an
+    # op with no deterministic kernel then raises instead of running.
+    deterministic: bool = False
     data: DataConfig = Field(default_factory=HHRLHFData)
     model: ModelConfig = ModelConfig()
     selector: SelectorConfig = SelectorConfig()

@@ -8,7 +8,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import yaml
 
 from .config import RunConfig, dump_config
+from .durable import durable_write_text
 
 
 def seed_everything(seed: int) -> None:
@@ -25,12 +25,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# cuBLAS picks its reduction order by workspace; a fixed workspace makes its matrix products repeatable.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(enabled: bool) -> None:
+    """``deterministic: true``: deterministic kernels only (an op without one raises), cuDNN autotuning off.
+
+    Must run before CUDA does any work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts. On CPU the run
+    is bit-identical either way."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` atomically and durably (durable.py)."""
+    durable_write_text(path, text)
 
 
 def _jsonable(value):
@@ -86,6 +99,8 @@ class RunDir:
     same configuration, and its metrics are cut back to what the checkpoint it resumes from had seen."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
+        # every pipeline opens its run folder before it loads a model: the first moment to fix the kernels
+        configure_determinism(cfg.deterministic)
         self.path = cfg.run_dir
         self.checkpoints = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"

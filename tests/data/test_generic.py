@@ -97,3 +97,31 @@ def test_real_tulu_human_eval_by_annotator(real_data):
     soft = prepare_data(GenericData(root=str(root), columns=AB, heldout_fraction=0.0, ties="soft"))
     assert sum(p.label == 0.5 for c in soft.clients.values() for p in c.train) > 0
     assert all(c.test for c in fed.clients.values() if len(c.train) > 20)
+
+
+def _lonely_rows():
+    # "lonely 3" hashes into a 0.25 held-out slice, "lonely 0" and "lonely 1" do not
+    return [
+        {"prompt": "lonely 0", "chosen": "a", "rejected": "b", "user": "u1"},
+        {"prompt": "lonely 1", "chosen": "a", "rejected": "b", "user": "u1"},
+        {"prompt": "lonely 3", "chosen": "a", "rejected": "b", "user": "u2"},
+    ]
+
+
+def test_a_client_with_no_training_pairs_is_skipped_counted_and_named(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", _lonely_rows())
+    write_jsonl(tmp_path / "test.jsonl", _lonely_rows())
+    cfg = GenericData(root=str(tmp_path), columns=ColumnMap(client="user"), heldout_fraction=0.25)
+    fed = prepare_data(cfg)
+    assert list(fed.clients) == ["u1"] and len(fed.clients["u1"].train) == 2
+    assert fed.report.skipped == {"u2": 1}
+    assert fed.report.dropped == {"held-out pairs of clients with no training pairs": 1}
+    assert any("skipped 1 client(s)" in n and n.endswith(": u2") for n in fed.report.notes)
+    assert [p.prompt for p in fed.eval_only["u2"]] == ["lonely 3"]  # its test pairs are still evaluated
+
+
+def test_no_client_with_training_pairs_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", _lonely_rows()[2:])
+    cfg = GenericData(root=str(tmp_path), columns=ColumnMap(client="user"), heldout_fraction=0.25)
+    with pytest.raises(DataError, match="no client has training pairs"):
+        prepare_data(cfg)

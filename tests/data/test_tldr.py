@@ -15,6 +15,7 @@ def _rows():
         tldr_row("post three", "s5", "s6", 1, "w2", "train", 3),
         tldr_row("post four", "s7", "s8", 0, "w3", "valid1", 4),
         tldr_row("post five", "same", "same", 0, "w3", "train", 5),
+        tldr_row("post six", "s9", "s10", 1, "w4", "valid2", 6),
     ]
 
 
@@ -29,7 +30,9 @@ def test_batch_files_choice_and_workers(tmp_path):
     assert pairs[0].prompt == "SUBREDDIT: r/relationships\nTITLE: title 1\nPOST: post one"
     assert report.dropped == {"identical responses": 1}
     valid, _ = tldr.load(TLDRData(root=str(tmp_path)), "validation")
-    assert [p.client for p in valid] == ["w3"]
+    assert [p.client for p in valid] == ["w3"]  # valid1 only
+    test, _ = tldr.load(TLDRData(root=str(tmp_path)), "test")
+    assert [p.client for p in test] == ["w4"]  # valid2 only
 
 
 def test_hub_parquet_layout(tmp_path):
@@ -61,10 +64,35 @@ def test_bad_choice_is_named(tmp_path):
 
 
 def test_hub_parquet_files_are_read_by_split(tmp_path):
-    for split, rows in (("train", _rows()[:2]), ("validation", _rows()[3:4])):
+    # the hub's validation file holds valid1 and valid2 rows: valid1 is our validation split, valid2 our test
+    for split, rows in (("train", _rows()[:2]), ("validation", [_rows()[3], _rows()[5]])):
         for r in rows:
             r.pop("extra", None)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}-00000-of-00001.parquet")
     train, _ = tldr.load(TLDRData(root=str(tmp_path)), "train")
     valid, _ = tldr.load(TLDRData(root=str(tmp_path)), "validation")
+    test, _ = tldr.load(TLDRData(root=str(tmp_path)), "test")
     assert [p.response_a for p in train] == ["s1", "s3"] and [p.response_a for p in valid] == ["s7"]
+    assert [p.response_a for p in test] == ["s9"]
+
+
+def test_the_hub_serves_test_from_its_validation_split(monkeypatch):
+    asked = []
+
+    def hub_rows(hub_id, split, name):
+        asked.append((split, name))
+        return iter(enumerate([r for r in _rows() if r["split"] != "train"], start=1))
+
+    monkeypatch.setattr(tldr, "hub_rows", hub_rows)
+    valid, _ = tldr.load(TLDRData(), "validation")
+    test, _ = tldr.load(TLDRData(), "test")
+    assert asked == [("validation", "comparisons")] * 2
+    assert [p.response_a for p in valid] == ["s7"] and [p.response_a for p in test] == ["s9"]
+
+
+def test_a_validation_row_without_its_split_is_an_error(tmp_path):
+    row = _rows()[3]
+    del row["split"], row["extra"]
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "validation-00000-of-00001.parquet")
+    with pytest.raises(DataError, match="field 'split'"):
+        tldr.load(TLDRData(root=str(tmp_path)), "test")

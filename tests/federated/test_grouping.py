@@ -1,10 +1,11 @@
 import itertools
+import random
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from fedbiscuit.federated.grouping import greedy_assignment, optimal_assignment
+from fedbiscuit.federated.grouping import assign, greedy_assignment, optimal_assignment
 
 
 def _balanced(assignment, k):
@@ -34,19 +35,47 @@ def test_optimal_is_balanced_and_minimal(n, k):
         assert sum(loss[i, c] for i, c in enumerate(a)) == pytest.approx(_brute_force(loss))
 
 
+@pytest.mark.parametrize("method", ["greedy", "greedy_lowest_loss"])
 @pytest.mark.parametrize(("n", "k"), [(6, 2), (7, 3), (53, 5), (16, 2), (3, 3)])
-def test_greedy_is_balanced_disjoint_and_never_beats_optimal(n, k):
+def test_greedy_is_balanced_disjoint_and_never_beats_optimal(n, k, method):
     rng = np.random.default_rng(n + k)
     loss = rng.random((n, k))
-    g = greedy_assignment(loss, seed=1)
+    g = assign(loss, method, seed=1)
     assert _balanced(g, k) and all(0 <= c < k for c in g)
     o = optimal_assignment(loss)
     assert sum(loss[i, c] for i, c in enumerate(o)) <= sum(loss[i, c] for i, c in enumerate(g)) + 1e-9
 
 
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"greedy:{seed}").shuffle(order)  # the documented client order of the greedy rule
+    return order
+
+
+def test_greedy_keeps_the_first_askers_in_the_shuffled_order():
+    # All six clients ask for selector 0, which keeps ceil(6/2) = 3 of them: the reference keeps the first three
+    # in the shuffled order, whatever their losses; the lowest-loss variant keeps clients 0, 1, 2.
+    loss = np.array([[0.1 * i, 0.9] for i in range(6)])
+    differs = 0
+    for seed in range(5):
+        first = set(_shuffled(6, seed)[:3])
+        assert greedy_assignment(loss, seed) == [0 if i in first else 1 for i in range(6)]
+        assert greedy_assignment(loss, seed, keep="lowest_loss") == [0, 0, 0, 1, 1, 1]
+        differs += first != {0, 1, 2}
+    assert differs >= 3  # seeds 0, 1, 3 and 4 keep someone other than the three lowest losses
+
+
 def test_greedy_follows_the_paper_rule_on_a_clear_case():
     # clients 0-2 all prefer selector 0, client 3 prefers selector 1: selector 0 is most asked and keeps
-    # ceil(4/2) = 2 of them (lowest loss first); the third moves to its next choice.
+    # ceil(4/2) = 2 of them; the third moves to its next choice. Seed 0 shuffles the clients to [3, 1, 2, 0]:
+    # the reference keeps 1 and 2 (first in that order), the lowest-loss variant 0 and 1.
     loss = np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.35], [0.9, 0.1]])
-    assert greedy_assignment(loss) == [0, 0, 1, 1]
+    assert _shuffled(4, 0) == [3, 1, 2, 0]
+    assert greedy_assignment(loss, 0) == [1, 0, 0, 1]
+    assert greedy_assignment(loss, 0, keep="lowest_loss") == [0, 0, 1, 1]
     assert optimal_assignment(loss) == [0, 0, 1, 1]
+
+
+def test_unknown_assignment_is_named():
+    with pytest.raises(ValueError, match="greedy_lowest_loss"):
+        assign(np.zeros((2, 2)), "greedi")

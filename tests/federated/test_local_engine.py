@@ -251,6 +251,32 @@ def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset):
         assert all(torch.equal(v, again.selectors[sel][k]) for k, v in st.items())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU determinism needs a CUDA device")
+def test_deterministic_resume_on_cuda_replays_exactly(tmp_path):
+    """On CPU resume is always bit-identical; on CUDA it is with deterministic: true."""
+    raw = make_cfg(
+        tmp_path,
+        "gpu",
+        algorithm="fedbiscuit",
+        rounds=5,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+    )
+    raw["model"]["device"] = "cuda"
+    raw["deterministic"] = True
+    try:
+        run_federated(config_from_dict(raw), quiet=True)
+        ckpts = list_checkpoints(tmp_path / "runs" / "gpu" / "checkpoints")
+        expected = load_checkpoint(ckpts[-1])
+        for later in ckpts[1:]:
+            later.unlink()
+        run_federated(config_from_dict(raw), quiet=True, resume=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    again = _final(tmp_path / "runs" / "gpu")
+    for sel, st in expected.selectors.items():
+        assert all(torch.equal(v, again.selectors[sel][k]) for k, v in st.items())
+
+
 def test_keeping_optimizer_state_changes_training(tmp_path):
     a = run_federated(config_from_dict(make_cfg(tmp_path, "a", rounds=3, clients_per_round=8)), quiet=True)
     b = run_federated(
@@ -329,14 +355,20 @@ def test_own_cluster_uses_the_partitioned_client_names(tmp_path):
     final = result["final"]
     assert set(final["own"]["clients"]) == set(result["clusters"])
     own = final["own"]["overall"]["agreement"]
-    singles = {s: r["overall"]["agreement"] for s, r in final["selectors"].items()}
-    # own-cluster agreement is a mix of the two selectors, not selector-0 alone
     per_client = final["own"]["clients"]
     for client, sel in result["clusters"].items():
         assert per_client[client]["agreement"] == pytest.approx(
             final["selectors"][sel]["clients"][client]["agreement"]
         )
-    assert own is not None and singles
+    # own-cluster agreement is a mix of the two selectors, not selector-0 alone: both clusters hold clients, and
+    # the overall figure is each client's agreement under its own cluster's selector, weighted by its pairs
+    assert set(result["clusters"].values()) == {"selector-0", "selector-1"}
+    n = {client: per_client[client]["n"] for client in result["clusters"]}
+    mixed = sum(
+        final["selectors"][sel]["clients"][client]["agreement"] * n[client]
+        for client, sel in result["clusters"].items()
+    )
+    assert own == pytest.approx(mixed / sum(n.values()))
 
 
 def test_resume_keeps_the_evaluation_taken_at_the_checkpoint(tmp_path):
@@ -363,3 +395,18 @@ def test_local_baseline_with_unmatched_evaluation_clients_is_a_clear_error(tmp_p
     raw["data"]["partition"] = {"method": "iid", "num_clients": 4}
     with pytest.raises(ValueError, match="local baseline"):
         run_federated(config_from_dict(raw), quiet=True)
+
+
+def test_a_client_with_no_training_pairs_is_skipped_and_named_in_the_metrics(tmp_path):
+    raw = make_cfg(tmp_path, "lonely", rounds=1)
+    lonely = json.dumps({"prompt": "lonely 3", "chosen": "yes", "rejected": "no", "client": "client-lonely"})
+    for split in ("train", "test"):  # "lonely 3" falls in the 25% held-out slice: nothing left to train on
+        with open(tmp_path / "data" / f"{split}.jsonl", "a") as fh:
+            fh.write(lonely + "\n")
+    result = run_federated(config_from_dict(raw), quiet=True)
+    records = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    (data,) = [r for r in records if r["event"] == "data"]
+    assert "client-lonely" not in data["clients"] and len(data["clients"]) == 8
+    assert data["dropped"] == {"held-out pairs of clients with no training pairs": 1}
+    assert any(n.endswith("client-lonely") for n in data["notes"])
+    assert result["rounds"] == 1

@@ -21,9 +21,17 @@ def test_fedavg_uniform_and_weighted_by_hand():
 
 def test_paper_delta_update_by_hand():
     g = _state(1)
-    out = delta_update(g, [_state(3), _state(5)], num_clients=8)
+    out = delta_update(g, [_state(3), _state(5)], [1 / 8, 1 / 8])
     assert torch.allclose(out["a"], torch.full((2, 2), 1 + (2 + 4) / 8))
     assert torch.allclose(out["b"], torch.full((3,), 2 + (4 + 8) / 8))
+    replies = [TrainReply(_state(3), 10), TrainReply(_state(5), 30)]
+    uniform = aggregate(g, replies, "uniform", "paper", num_clients=8)
+    assert torch.allclose(uniform["a"], torch.full((2, 2), 1 + (2 + 4) / 8))
+    # weighted by samples: each delta times its samples over all clients' samples (here 120)
+    weighted = aggregate(g, replies, "samples", "paper", num_clients=8, total_samples=120)
+    assert torch.allclose(weighted["a"], torch.full((2, 2), 1 + (10 * 2 + 30 * 4) / 120))
+    with pytest.raises(ValueError, match="every client's sample count"):
+        aggregate(g, replies, "samples", "paper", num_clients=8)
 
 
 def test_aggregate_weighting_by_samples():

@@ -9,6 +9,7 @@ from fedbiscuit.rlhf.baselines import HumanPair
 from fedbiscuit.rlhf.dpo import (
     EncodedPreference,
     dpo_loss,
+    dpo_steps,
     encode_preferences,
     pair_logps,
     reference_logps,
@@ -150,3 +151,62 @@ def test_an_empty_prompt_still_gives_every_response_token_a_position(tiny):
         alone = torch.stack(pair_logps(model, [p], tok.pad_token_id))
         batched = torch.stack(pair_logps(model, [p, *other], tok.pad_token_id))[:, :1]
     assert torch.allclose(alone, batched, atol=1e-5)  # padding never leaks into the score
+
+
+def _spied_dpo(monkeypatch, tiny, texts, cfg, steps, seed=0):
+    """Train on ``texts`` pairs; return (result, each micro-batch's pairs as indices, every pair's margin)."""
+    import fedbiscuit.rlhf.dpo as dpo
+
+    model, tok = tiny
+    prefs = encode_preferences(
+        tok, [HumanPair(p, c, r) for p, c, r in texts], GenerationConfig(chat_template=False)
+    )
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    batches, margins = [], []
+    real_logps, real_loss = dpo.pair_logps, dpo.dpo_loss
+
+    def logps(m, batch, pad):
+        batches.append([next(i for i, p in enumerate(prefs) if p is q) for q in batch])
+        return real_logps(m, batch, pad)
+
+    def loss(*args, **kw):
+        out = real_loss(*args, **kw)
+        margins.extend((out[1] - out[2]).tolist())
+        return out
+
+    monkeypatch.setattr(dpo, "pair_logps", logps)
+    monkeypatch.setattr(dpo, "dpo_loss", loss)
+    result = train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, steps=steps, seed=seed)
+    return result, batches, margins
+
+
+def test_a_batch_never_holds_a_pair_twice_and_epochs_stay_whole(tiny, monkeypatch):
+    texts = [("p1", "yes", "no"), ("p2", "good", "bad"), ("p3", "up", "down")]
+    cfg = DPOConfig(lr=1e-2, batch_size=2, log_every=100)
+    # seed 4: topping an epoch's remainder up from the next permutation drew the same pair twice (steps 5, 8)
+    result, batches, margins = _spied_dpo(monkeypatch, tiny, texts, cfg, steps=8, seed=4)
+    assert all(len(set(b)) == len(b) for b in batches)
+    assert [len(b) for b in batches] == [2, 1] * 4  # each epoch: one full micro-batch and its short remainder
+    for epoch in range(4):
+        assert sorted(batches[2 * epoch] + batches[2 * epoch + 1]) == [0, 1, 2]
+    assert result.margin == pytest.approx(sum(margins) / len(margins))
+    assert len(margins) == 12
+
+
+def test_statistics_count_each_pair_seen_once_with_fewer_pairs_than_the_batch(tiny, monkeypatch):
+    # one pair, batch size 4: every step trains on that pair alone; the margins of the three steps differ
+    cfg = DPOConfig(lr=5e-2, batch_size=4, log_every=2)
+    result, batches, margins = _spied_dpo(monkeypatch, tiny, [("p1", "yes", "no")], cfg, steps=3)
+    assert batches == [[0], [0], [0]] and len(margins) == 3 and len(set(margins)) == 3
+    assert result.margin == pytest.approx(sum(margins) / 3)
+    assert result.reward_accuracy == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert [h["reward_margin"] for h in result.history] == pytest.approx(
+        [(margins[0] + margins[1]) / 2, margins[2]]
+    )
+
+
+def test_dpo_steps_count_micro_batches_per_epoch():
+    assert dpo_steps(DPOConfig(batch_size=4, epochs=1.0), 10) == 3  # 4 + 4 + 2
+    assert dpo_steps(DPOConfig(batch_size=4, grad_accum=3, epochs=2.0), 10) == 2  # 6 micro-batches
+    assert dpo_steps(DPOConfig(batch_size=8, epochs=1.0), 3) == 1

@@ -75,10 +75,54 @@ def test_an_unknown_adapter_is_an_error_not_the_base_models_samples(tiny, tmp_pa
         sample(model, tok, ["hello"], cfg, adapter="polcy", cache_dir=tmp_path)
 
 
-def test_finished_flags_follow_eos(tiny):
+def test_finished_flags_follow_eos(tiny, monkeypatch):
+    """Scripted continuations: a sample that emitted EOS is finished (and loses the EOS and any padding after
+    it), one that ran to max_new_tokens is not, whatever its length."""
     model, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    a, b, c = tok.convert_tokens_to_ids(["#", "$", "%"])
+    continuations = torch.tensor(
+        [
+            [a, eos, pad],  # prompt 0, sample 0: one token, then EOS
+            [a, b, c],  # prompt 0, sample 1: cut at the limit
+            [eos, pad, pad],  # prompt 1, sample 0: EOS at once, an empty answer
+            [c, b, eos],  # prompt 1, sample 1: EOS as the last token allowed
+        ]
+    )
+
+    def generate(input_ids, num_return_sequences, **kw):
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), continuations], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
     cfg = GenerationConfig(num_candidates=2, max_new_tokens=3, chat_template=False)
-    out = sample(model, tok, ["a", "b"], cfg, seed=0)
-    for lengths, done in zip(out.new_tokens, out.finished, strict=True):
-        for n, d in zip(lengths, done, strict=True):
-            assert d or n == 3  # an unfinished candidate used every token it was allowed
+    out = sample(model, tok, ["a", "bb"], cfg, seed=0)
+    assert out.finished == [[True, False], [True, True]]
+    assert out.new_tokens == [[1, 3], [0, 2]]
+    assert out.texts == [["#", "#$%"], ["", "%$"]]
+
+
+def _greedy_by_hand(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_an_empty_prompt_is_answered_after_the_start_token_as_dpo_scores_it(tiny):
+    from fedbiscuit.rlhf.baselines import HumanPair
+    from fedbiscuit.rlhf.dpo import encode_preferences
+
+    model, tok = tiny
+    cfg = GenerationConfig(num_candidates=2, max_new_tokens=5, batch_size=2, chat_template=False)
+    (pref,) = encode_preferences(tok, [HumanPair("", "yes", "no")], cfg)
+    assert pref.prompt == [tok.bos_token_id]  # DPO's context for an empty prompt
+    # generation answers after that same context, alone and beside a longer prompt (left padding)
+    expected = _greedy_by_hand(model, pref.prompt, 5, tok.eos_token_id)
+    for prompts in ([""], ["", "a much longer prompt here"]):
+        out = sample(model, tok, prompts, cfg, n=1, greedy=True)
+        assert out.new_tokens[0] == [len(expected)]
+        assert out.texts[0] == [tok.decode(expected, skip_special_tokens=True).strip()]

@@ -42,13 +42,19 @@ def prepare_data(cfg, seed: int = 0) -> FederatedData:
     if not pairs:
         raise DataError(cfg.train_split, "no usable pairs were loaded (see the drop counts)")
     groups, namer = partition(pairs, cfg.partition, seed, report)
-    clients = {}
+    clients, skipped = {}, {}
     for name, members in groups.items():
         if not members:
             report.drop("empty client after partition")
             continue
         train, held = heldout_split(members, cfg.heldout_fraction)
+        if not train:  # a small client whose every prompt hashed into its held-out slice: nothing to train on
+            skipped[name] = len(held)
+            continue
         clients[name] = ClientData(name, cap(train, cfg.max_train_pairs_per_client), held)
+    report.skip_clients(skipped)
+    if not clients:
+        raise DataError(cfg.train_split, f"no client has training pairs (skipped: {sorted(skipped)})")
 
     eval_report = None
     eval_only: dict[str, list[Comparison]] = {}

@@ -61,11 +61,27 @@ class LoadReport:
     kept: Counter = field(default_factory=Counter)  # client -> pairs kept
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # client left with no training pairs -> its pairs
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
+
+    def skip_clients(self, skipped: dict[str, int]) -> None:
+        """Clients with nothing to train on are left out of the run; counted and named, never silently."""
+        if not skipped:
+            return
+        self.skipped.update(skipped)
+        self.drop(SKIPPED_CLIENT_PAIRS, sum(skipped.values()))
+        self.notes.append(
+            f"skipped {len(skipped)} client(s) with no training pairs (all their pairs fell in the held-out "
+            f"slice): {', '.join(sorted(skipped))}"
+        )
 
     def merge(self, other: LoadReport) -> None:
         self.kept.update(other.kept)
         self.dropped.update(other.dropped)
         self.notes.extend(other.notes)
+        self.skipped.update(other.skipped)
+
+
+SKIPPED_CLIENT_PAIRS = "held-out pairs of clients with no training pairs"

@@ -43,13 +43,20 @@ def natural_client_namer(train_pairs: list[Comparison], cfg: PartitionConfig, re
 
 
 def _flwr_partition(pairs: list[Comparison], cfg: PartitionConfig, seed: int) -> dict[str, list[Comparison]]:
+    """IID or Dirichlet over prompts (an SHP post, a TL;DR post, a dialogue), not over pairs: as in the
+    reference, each prompt goes to one client and all its comparisons follow it, so one post's comparisons never
+    sit on two clients. A prompt's natural id (for Dirichlet) is that of its first pair."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    ds = Dataset.from_dict({"idx": list(range(len(pairs))), "natural": [p.client for p in pairs]})
+    by_prompt: dict[str, list[Comparison]] = {}
+    for p in pairs:
+        by_prompt.setdefault(p.prompt, []).append(p)
+    units = list(by_prompt.values())
+    ds = Dataset.from_dict({"idx": list(range(len(units))), "natural": [u[0].client for u in units]})
     n = cfg.num_clients
-    if n > len(pairs):
-        raise ValueError(f"partition.num_clients={n} exceeds the {len(pairs)} pairs loaded")
+    if n > len(units):
+        raise ValueError(f"partition.num_clients={n} exceeds the {len(units)} distinct prompts loaded")
     if cfg.method == "iid":
         part = IidPartitioner(num_partitions=n)
     else:
@@ -57,14 +64,17 @@ def _flwr_partition(pairs: list[Comparison], cfg: PartitionConfig, seed: int) ->
             num_partitions=n,
             partition_by="natural",
             alpha=cfg.alpha,
-            min_partition_size=cfg.min_partition_size,
+            min_partition_size=cfg.min_partition_size,  # in prompts
             self_balancing=False,
             shuffle=True,
             seed=seed,
         )
     part.dataset = ds
     width = len(str(n - 1))
-    return {f"partition-{i:0{width}d}": [pairs[j] for j in part.load_partition(i)["idx"]] for i in range(n)}
+    return {
+        f"partition-{i:0{width}d}": [p for j in part.load_partition(i)["idx"] for p in units[j]]
+        for i in range(n)
+    }
 
 
 def partition(
@@ -79,9 +89,9 @@ def partition(
         return dict(sorted(clients.items())), namer
     clients = _flwr_partition(pairs, cfg, seed)
     report.notes.append(
-        f"{cfg.method} partition into {cfg.num_clients} clients"
+        f"{cfg.method} partition of the prompts into {cfg.num_clients} clients"
         + (f" (alpha={cfg.alpha} over natural ids)" if cfg.method == "dirichlet" else "")
-        + "; evaluation pairs stay grouped by natural id"
+        + "; a prompt's pairs stay together; evaluation pairs stay grouped by natural id"
     )
     return clients, namer
 

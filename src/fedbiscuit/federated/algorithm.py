@@ -23,6 +23,12 @@ class Algorithm:
         self.cfg = cfg
         self.clients = list(client_names)
         self.seed = seed
+        if len(self.clients) < cfg.min_clients:
+            # every round would fall short of min_clients valid returns: say so before round 0
+            raise ValueError(
+                f"only {len(self.clients)} clients can train ({', '.join(self.clients) or 'none'}), fewer than "
+                f"federated.min_clients={cfg.min_clients}"
+            )
         fb = cfg.fedbiscuit
         if cfg.algorithm == "fedbiscuit":
             if fb.num_selectors > len(self.clients):
@@ -69,11 +75,40 @@ class Algorithm:
         return {c: self.selectors[i] for c, i in zip(names, idx, strict=True)}
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate(self, state: ServerState, replies: dict[str, list[TrainReply]]) -> None:
-        """Update every selector that received valid replies this round from those replies only."""
-        rule = self.cfg.fedbiscuit.update if self.cfg.algorithm == "fedbiscuit" else "mean"
+    def update_rule(self, round_: int) -> str:
+        """How round ``round_``'s replies update a selector: the configured rule once the clients are grouped.
+
+        The reference averages plainly while the selectors warm up and takes its 1/N delta step only from the
+        first grouping on; a warm-up round with the 1/N step would move a selector by (sampled / all clients)
+        of its members' mean change.
+        """
+        if self.cfg.algorithm != "fedbiscuit" or self.warming_up(round_):
+            return "mean"
+        return self.cfg.fedbiscuit.update
+
+    def needs_client_sizes(self, round_: int) -> bool:
+        """The paper rule weighted by samples divides by every client's samples, not only the sampled ones'."""
+        return self.update_rule(round_) == "paper" and self.cfg.weighting == "samples"
+
+    def aggregate(
+        self,
+        state: ServerState,
+        replies: dict[str, list[TrainReply]],
+        round_: int,
+        client_sizes: dict[str, int] | None = None,
+    ) -> None:
+        """Update every selector that received valid replies this round from those replies only.
+
+        ``client_sizes``: every client's training pairs (see needs_client_sizes)."""
+        rule = self.update_rule(round_)
+        total = sum(client_sizes[c] for c in self.clients) if client_sizes else None
         for selector, group in replies.items():
             if group:
                 state.selectors[selector] = aggregate(
-                    state.selectors[selector], group, self.cfg.weighting, rule, num_clients=len(self.clients)
+                    state.selectors[selector],
+                    group,
+                    self.cfg.weighting,
+                    rule,
+                    num_clients=len(self.clients),
+                    total_samples=total,
                 )

@@ -1,21 +1,21 @@
 """Atomic checkpoints of the server state: every selector adapter, the cluster assignment, the round.
 
 One safetensors file per checkpoint holds all adapters (keys ``<selector>/<tensor>``) and the rest as JSON
-metadata, so a checkpoint is complete or absent, never torn. Client randomness is derived from
+metadata, so a checkpoint is complete or absent, never torn; every file is synced to the disk with its folder
+before it counts (durable.py), so this holds after a power loss too. Client randomness is derived from
 (seed, round, client), so no RNG state needs saving; optimizer states are saved only when they persist.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..durable import durable_write
 from ..models.adapters import AdapterState, read_adapter, save_adapter
 
 _NAME = re.compile(r"^round-(\d{6})\.safetensors$")
@@ -33,10 +33,8 @@ def save_checkpoint(folder: Path, state: ServerState, keep: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{state.round:06d}.safetensors"
     if state.optimizer_states:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state.optimizer_states, fh)
-        os.replace(tmp, path.with_suffix(".optim.pt"))
+        with durable_write(path.with_suffix(".optim.pt"), suffix=".pt") as tmp:
+            torch.save(state.optimizer_states, tmp)
     flat = {f"{sel}/{k}": v for sel, st in state.selectors.items() for k, v in st.items()}
     meta = {
         "server": json.dumps(

@@ -12,9 +12,17 @@ from .client import WORK_ADAPTER
 
 
 def majority_vote(probs: torch.Tensor) -> torch.Tensor:
-    """[K, n] P(A) per selector -> [n] share of selectors voting A; an exact tie falls back to the mean P(A)."""
-    share = (probs > 0.5).float().mean(0)
-    return torch.where(share == 0.5, probs.mean(0), share)
+    """[K, n] P(A) per selector -> [n] the share of the votes cast that went to A. The one voting rule, used by
+    evaluation and by Phase 2's labelling alike:
+
+    - a selector votes A when P(A) > 0.5, B when P(A) < 0.5, and abstains at exactly 0.5;
+    - equal counts (all abstaining included) fall back to the mean P(A), so the result is > 0.5 when A wins,
+      < 0.5 when B wins, and exactly 0.5 only when the pair is undecided.
+    """
+    for_a = (probs > 0.5).sum(0)
+    for_b = (probs < 0.5).sum(0)
+    share = for_a.float() / (for_a + for_b).clamp(min=1).float()
+    return torch.where(for_a == for_b, probs.mean(0), share)
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """FedBiscuit's client grouping: K disjoint clusters whose sizes differ by at most one.
 
-Input: loss[i][k], client i's held-out loss under selector k. Two assignments:
+Input: loss[i][k], client i's held-out loss under selector k. Three assignments:
 - ``optimal_assignment``: minimum total loss subject to balance, exactly: the Hungarian algorithm over each
   selector replicated into floor(n/K) slots plus one optional slot, of which exactly n mod K are filled.
-- ``greedy_assignment``: the paper's rule, step by step.
+- ``greedy_assignment``: the reference code's rule, step by step: the most asked selector keeps the first of
+  its askers in a shuffled client order.
+- ``greedy_assignment(..., keep="lowest_loss")``: the same rounds, but the most asked selector keeps the askers
+  it fits best (lowest loss); not the reference's rule (config name ``greedy_lowest_loss``).
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ def optimal_assignment(loss: np.ndarray) -> list[int]:
     return out
 
 
-def greedy_assignment(loss: np.ndarray, seed: int = 0) -> list[int]:
-    """The paper's rule. Clients are shuffled; each unplaced client asks for its best open selector; the most
-    asked selector keeps up to ceil(unplaced / open) of its askers (lowest loss first) and closes; repeat."""
+def greedy_assignment(loss: np.ndarray, seed: int = 0, keep: str = "order") -> list[int]:
+    """Clients are shuffled; each unplaced client asks for its best open selector; the most asked selector
+    keeps up to ceil(unplaced / open) of its askers and closes; repeat until every client is placed.
+
+    ``keep="order"`` (the reference rule) keeps the first askers in the shuffled order; ``keep="lowest_loss"``
+    keeps those with the lowest loss under that selector.
+    """
     loss = np.asarray(loss, dtype=np.float64)
     n, k = loss.shape
     order = list(range(n))
@@ -57,13 +64,14 @@ def greedy_assignment(loss: np.ndarray, seed: int = 0) -> list[int]:
     while unplaced:
         quota = math.ceil(len(unplaced) / len(open_))
         asks: dict[int, list[int]] = {j: [] for j in open_}
-        for i in unplaced:
+        for i in unplaced:  # in the shuffled order, so each list of askers is too
             asks[min(open_, key=lambda j: (loss[i, j], j))].append(i)
         chosen = max(open_, key=lambda j: (len(asks[j]), -j))
-        keep = sorted(asks[chosen], key=lambda i: loss[i, chosen])[:quota]
-        if len(open_) == 1:
-            keep = unplaced  # the last selector takes everyone left
-        for i in keep:
+        askers = asks[chosen]
+        if keep == "lowest_loss":
+            askers = sorted(askers, key=lambda i: loss[i, chosen])
+        kept = unplaced if len(open_) == 1 else askers[:quota]  # the last selector takes everyone left
+        for i in kept:
             out[i] = chosen
         unplaced = [i for i in unplaced if out[i] < 0]
         open_.remove(chosen)
@@ -71,4 +79,10 @@ def greedy_assignment(loss: np.ndarray, seed: int = 0) -> list[int]:
 
 
 def assign(loss: np.ndarray, method: str, seed: int = 0) -> list[int]:
-    return optimal_assignment(loss) if method == "optimal" else greedy_assignment(loss, seed)
+    if method == "optimal":
+        return optimal_assignment(loss)
+    if method == "greedy":
+        return greedy_assignment(loss, seed)
+    if method == "greedy_lowest_loss":
+        return greedy_assignment(loss, seed, keep="lowest_loss")
+    raise ValueError(f"unknown assignment {method!r}: use optimal, greedy or greedy_lowest_loss")

@@ -55,6 +55,9 @@ class LocalTransport:
     def optimizer_states(self) -> dict[str, dict]:
         return {n: c.optimizer_state for n, c in self.clients.items() if c.optimizer_state}
 
+    def client_sizes(self) -> dict[str, int]:
+        return {n: len(c.train_pairs) for n, c in self.clients.items()}  # what each reply's num_samples says
+
 
 class LocalEngine(RoundLoop):
     def __init__(

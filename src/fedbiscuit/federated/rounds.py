@@ -60,6 +60,10 @@ class Transport(Protocol):
         """Client optimizer states to checkpoint (only when they persist across rounds)."""
         ...
 
+    def client_sizes(self) -> dict[str, int]:
+        """Every client's training pairs (asked only by the paper rule weighted by samples)."""
+        ...
+
 
 Evaluator = Callable[[ServerState, int], dict]
 
@@ -93,13 +97,14 @@ class RoundLoop:
         if losses:
             assignment = self.algorithm.group(losses, round_)
         elif state.clusters:
-            assignment = {}  # nobody could score: everyone keeps a cluster as below
+            # Nobody could score: the grouping round failed and every client keeps its previous cluster.
+            assignment = dict(state.clusters)
         else:
             raise TooFewClientsError(
                 f"round {round_}: no client could score the selectors; cannot group clients"
             )
-        # Clients that could not score join the least populated cluster: the scored ones are balanced, so
-        # this keeps every cluster size within one of the others.
+        # Clients that could not score while others could join the least populated cluster: the scored ones
+        # are balanced, so this keeps every cluster size within one of the others.
         for c in self.algorithm.clients:
             if c not in assignment:
                 sizes = Counter(assignment.values())
@@ -189,7 +194,8 @@ class RoundLoop:
                 )
             if self.dp:  # central DP: bound each update's influence, then noise the average
                 replies = self.dp.clip(replies, state.selectors)
-            self.algorithm.aggregate(state, replies)
+            sizes = self.transport.client_sizes() if self.algorithm.needs_client_sizes(r) else None
+            self.algorithm.aggregate(state, replies, r, sizes)
             if self.dp:
                 self.dp.add_noise(state, replies, self.cfg.seed, r)
             round_seconds = time.perf_counter() - round_start

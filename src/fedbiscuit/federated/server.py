@@ -53,18 +53,32 @@ def fedavg(states: list[AdapterState], weights: list[float] | None = None) -> Ad
     return out
 
 
-def delta_update(global_state: AdapterState, states: list[AdapterState], num_clients: int) -> AdapterState:
-    """The FedBiscuit reference code's rule: theta += (1/N) * sum_i (theta_i - theta), N = all clients.
+def delta_update(
+    global_state: AdapterState, states: list[AdapterState], weights: list[float]
+) -> AdapterState:
+    """The FedBiscuit reference code's rule: theta += sum_i w_i * (theta_i - theta).
 
-    With few sampled members per round this moves a selector by a small fraction of their mean change.
+    The reference sets w_i = 1/N (N = all clients), or, weighting by samples, n_i / (all clients' samples). With
+    few sampled members per round this moves a selector by a small fraction of their mean change.
     """
     out = {}
     for key, g in global_state.items():
         delta = torch.zeros(g.shape, dtype=torch.float64)
-        for s in states:
-            delta += s[key].to(torch.float64) - g.to(torch.float64)
-        out[key] = (g.to(torch.float64) + delta / num_clients).to(g.dtype)
+        for w, s in zip(weights, states, strict=True):
+            delta += w * (s[key].to(torch.float64) - g.to(torch.float64))
+        out[key] = (g.to(torch.float64) + delta).to(g.dtype)
     return out
+
+
+def paper_weights(
+    replies: list[TrainReply], weighting: str, num_clients: int, total_samples: int | None = None
+) -> list[float]:
+    """Each member's share in the reference rule: 1/N, or its samples over every client's samples."""
+    if weighting != "samples":
+        return [1.0 / num_clients] * len(replies)
+    if not total_samples:
+        raise ValueError("weighting=samples under the paper rule needs every client's sample count")
+    return [r.num_samples / total_samples for r in replies]
 
 
 def aggregate(
@@ -73,9 +87,13 @@ def aggregate(
     weighting: str = "uniform",
     rule: str = "mean",
     num_clients: int | None = None,
+    total_samples: int | None = None,
 ) -> AdapterState:
+    """``mean``: FedAvg of the members. ``paper``: the reference's delta step (``num_clients`` = all clients,
+    ``total_samples`` = all clients' training pairs, needed with weighting=samples)."""
     states = [r.state for r in replies]
     if rule == "paper":
-        return delta_update(global_state, states, num_clients or len(states))
+        weights = paper_weights(replies, weighting, num_clients or len(states), total_samples)
+        return delta_update(global_state, states, weights)
     weights = [float(r.num_samples) for r in replies] if weighting == "samples" else None
     return fedavg(states, weights)

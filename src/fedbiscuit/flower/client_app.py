@@ -90,10 +90,13 @@ def _client(raw_cfg: dict, context: Context):
     from ..config import config_from_dict
     from ..federated.client import SelectorClient
     from ..pipeline import open_workspace
+    from ..runs import configure_determinism
 
     key, raw_cfg = _node_cfg(raw_cfg, context)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = open_workspace(config_from_dict(raw_cfg, "the server's run config"), quiet=True)
+        cfg = config_from_dict(raw_cfg, "the server's run config")
+        configure_determinism(cfg.deterministic)  # a node opens no run folder: fix its kernels here
+        _WORKSPACES[key] = open_workspace(cfg, quiet=True)
     ws = _WORKSPACES[key]
     data, index = _select(ws.data.clients, context)
     if (key, data.name) not in _CLIENTS:

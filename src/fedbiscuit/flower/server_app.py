@@ -203,6 +203,9 @@ class FlowerTransport:
     def optimizer_states(self) -> dict[str, dict]:
         return {}  # clients start every round with a fresh optimizer (checked in run_server)
 
+    def client_sizes(self) -> dict[str, int]:
+        return {i.client: i.train_pairs for i in self.identities.values()}  # as each node identified itself
+
     # ---------------------------------------------------------------- transport self-test
     def check_transport(self, megabytes: float) -> dict:
         """Send a synthetic adapter-like state of ``megabytes`` to every client and back; compare bit for bit."""

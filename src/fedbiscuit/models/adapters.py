@@ -7,8 +7,6 @@ what the server averages. Loading checks names, shapes and dtypes and reports ev
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import LoraSettings
+from ..durable import durable_write
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -127,17 +126,10 @@ def load_adapter_state(
 
 
 def save_adapter(state: AdapterState, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file, then rename): a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a safetensors file durably (temp file, fsync, rename, fsync the folder): neither a crash nor a
+    power loss leaves a torn file."""
+    with durable_write(path, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterState, dict[str, str]]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DPOConfig, GenerationConfig
-from .generation import render_prompt
+from .generation import prompt_ids, render_prompt
 
 
 @dataclass(slots=True)
@@ -52,8 +52,6 @@ def encode_preferences(
     chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False).input_ids
     rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    # An empty prompt would leave the first response token with no position to be predicted from.
-    start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
     def end(ids: list[int], finished: bool) -> list[int]:
         # EOS only where the text really ended: a reply cut at the limit must not teach the policy to stop there
@@ -61,7 +59,9 @@ def encode_preferences(
 
     return [
         EncodedPreference(
-            pr[-gen.max_prompt_length :] or start,
+            # an empty prompt becomes the start token: the context generation sampled the reply after, and a
+            # position for the first response token to be predicted from
+            prompt_ids(tokenizer, pr, gen.max_prompt_length),
             end(c, getattr(p, "chosen_finished", True)),
             end(r, getattr(p, "rejected_finished", True)),
         )
@@ -164,7 +164,20 @@ def make_dpo_optimizer(model, adapter: str, cfg: DPOConfig) -> torch.optim.Optim
 
 
 def dpo_steps(cfg: DPOConfig, num_pairs: int) -> int:
-    return max(1, math.ceil(cfg.epochs * num_pairs / (cfg.batch_size * cfg.grad_accum)))
+    """Optimizer steps for ``cfg.epochs`` epochs of micro-batches (an epoch's last micro-batch may be short)."""
+    per_epoch = math.ceil(num_pairs / cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def epoch_batches(num: int, batch_size: int, generator: torch.Generator):
+    """Endless micro-batches of indices: each epoch a fresh permutation cut into batches, its last one short.
+
+    A batch never spans two epochs, so no pair appears twice in one batch (topping up an epoch's remainder
+    from the next permutation could draw the same pair again)."""
+    while True:
+        order = torch.randperm(num, generator=generator).tolist()
+        for i in range(0, num, batch_size):
+            yield order[i : i + batch_size]
 
 
 def train_dpo(
@@ -190,8 +203,7 @@ def train_dpo(
     model.set_adapter(adapter)
     optimizer = optimizer or make_dpo_optimizer(model, adapter, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = epoch_batches(len(prefs), cfg.batch_size, torch.Generator().manual_seed(seed))
     was_training = model.training
     model.train()
     start, losses, hits, margins, history = time.perf_counter(), [], [], [], []
@@ -201,9 +213,7 @@ def train_dpo(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
-                if len(order) < cfg.batch_size:
-                    order += torch.randperm(len(prefs), generator=generator).tolist()
-                idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                idx = next(batches)
                 batch = [prefs[i] for i in idx]
                 if sft:
                     logp = response_logps(model, [p.prompt for p in batch], [p.chosen for p in batch], pad_id)
@@ -216,7 +226,10 @@ def train_dpo(
                     loss = per_pair.mean()
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
+                # statistics of exactly the pairs this micro-batch held, however many that was
                 margin = (chosen_r - rejected_r).cpu()
+                margins += margin.tolist()
+                hits += (margin > 0).float().tolist()
                 window["margin"] += margin.tolist()
                 window["acc"] += (margin > 0).float().tolist()
                 window["chosen"] += chosen_r.cpu().tolist()
@@ -228,17 +241,15 @@ def train_dpo(
             optimizer.step()
             losses.append(step_loss)
             window["loss"].append(step_loss)
-            margins += window["margin"][-cfg.batch_size * cfg.grad_accum :]
-            hits += window["acc"][-cfg.batch_size * cfg.grad_accum :]
             if step % cfg.log_every == 0 or step == total:
-                record = {"step": step} | {k: sum(v) / len(v) for k, v in window.items() if v}
+                mean = {k: sum(v) / len(v) for k, v in window.items() if v}
                 record = {
                     "step": step,
-                    "loss": record["loss"],
-                    "reward_margin": record["margin"],
-                    "reward_accuracy": record["acc"],
-                    "chosen_reward": record["chosen"],
-                    "rejected_reward": record["rejected"],
+                    "loss": mean["loss"],
+                    "reward_margin": mean["margin"],
+                    "reward_accuracy": mean["acc"],
+                    "chosen_reward": mean["chosen"],
+                    "rejected_reward": mean["rejected"],
                 }
                 history.append(record)
                 if on_log is not None:

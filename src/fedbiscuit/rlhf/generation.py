@@ -62,6 +62,14 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     return prompt
 
 
+def prompt_ids(tokenizer, ids: list[int], max_length: int) -> list[int]:
+    """The context the policy answers after: the prompt's latest ``max_length`` tokens, or for an empty prompt
+    the start token (BOS, else EOS). Generation and DPO both use this, so the reply DPO scores is scored after
+    the same context it was sampled from (an all-padding row would leave generation nothing to attend to)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return ids[-max_length:] or [start]
+
+
 def weights_fingerprint(model, adapter: str | None) -> str:
     """A hash of every tensor generation uses: the base weights and, if given, that adapter's LoRA weights."""
     h = hashlib.blake2b(digest_size=16)
@@ -134,7 +142,7 @@ def sample(
                 chunk = prompts[start : start + cfg.batch_size]
                 rendered = [render_prompt(tokenizer, p, cfg.chat_template) for p in chunk]
                 ids = tokenizer(rendered, add_special_tokens=False).input_ids
-                ids = [x[-cfg.max_prompt_length :] for x in ids]
+                ids = [prompt_ids(tokenizer, x, cfg.max_prompt_length) for x in ids]
                 width = max(len(x) for x in ids)
                 # left padding: every row's answer starts at the same column
                 input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)

@@ -14,6 +14,7 @@ from itertools import combinations
 import torch
 
 from ..data.pairs import Comparison
+from ..federated.evaluation import majority_vote
 from ..models.adapters import AdapterState, load_adapter_state
 from ..selector.training import score_pairs
 from .generation import Candidates
@@ -67,13 +68,10 @@ def candidate_pairs(candidates: Candidates) -> tuple[list[Comparison], int]:
 
 
 def vote(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """probs [K, pairs] of P(first better) -> (first won [pairs] bool, decided [pairs] bool)."""
-    for_first = (probs > 0.5).sum(0)
-    for_second = (probs < 0.5).sum(0)
-    mean = probs.mean(0)
-    first = torch.where(for_first == for_second, mean > 0.5, for_first > for_second)
-    decided = (for_first != for_second) | (mean != 0.5)
-    return first, decided
+    """probs [K, pairs] of P(first better) -> (first won [pairs] bool, decided [pairs] bool), by the voting rule
+    evaluation uses too (federated.evaluation.majority_vote)."""
+    share = majority_vote(probs)
+    return share > 0.5, share != 0.5
 
 
 def selector_probs(

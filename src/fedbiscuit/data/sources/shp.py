@@ -33,15 +33,23 @@ def _sources(cfg: SHPData, split: str) -> list[tuple[str, Iterator]]:
     return out
 
 
+def domain_name(raw: str) -> str:
+    """The domain itself: names on the hub carry their split as a suffix ("askculinary_train")."""
+    return raw.rsplit("_", 1)[0] if raw.endswith(("_train", "_validation", "_test")) else raw
+
+
 def load(cfg: SHPData, split: str) -> tuple[list[Comparison], LoadReport]:
     pairs: list[Comparison] = []
     report = LoadReport()
     wanted = set(cfg.domains) if cfg.domains else None
+    matched: set[str] = set()
     for file, rows in _sources(cfg, split):
         for line, row in rows:
-            domain = need(row, "domain", file, line)
-            if wanted is not None and domain not in wanted:
+            # compared after the suffix is stripped, so domains: [askculinary] matches "askculinary_train"
+            client = domain_name(need(row, "domain", file, line))
+            if wanted is not None and client not in wanted:
                 continue
+            matched.add(client)
             history = need(row, "history", file, line)
             a = need(row, "human_ref_A", file, line).strip()
             b = need(row, "human_ref_B", file, line).strip()
@@ -51,12 +59,13 @@ def load(cfg: SHPData, split: str) -> tuple[list[Comparison], LoadReport]:
             if a == b:
                 report.drop("identical responses")
                 continue
-            # Domain names on the hub carry a suffix ("askculinary_train"); the client is the domain itself.
-            client = (
-                domain.rsplit("_", 1)[0] if domain.endswith(("_train", "_validation", "_test")) else domain
-            )
             pairs.append(
                 Comparison(history, a, b, float(label), client, "shp", str(row.get("post_id", line)))
             )
             report.kept[client] += 1
+    if wanted is not None and wanted - matched:
+        missing = ", ".join(sorted(wanted - matched))
+        raise DataError(
+            f"SHP {split}", f"data.domains names domains with no {split!r} rows: {missing}", field="domains"
+        )
     return pairs, report

@@ -27,11 +27,20 @@ def format_post(info: dict) -> str | None:
     return "\n".join(parts)
 
 
-def _split_matches(row_split: str, wanted: str) -> bool:
-    # The batch files say train / valid1 / valid2; the hub says train / validation.
-    if wanted in ("validation", "valid", "test"):
-        return row_split.startswith("valid")
-    return row_split == wanted
+# Rows say train / valid1 / valid2 (in the batch files and on the hub alike); the hub's files are train and
+# validation, the latter holding both valid1 and valid2. As in the reference, valid1 is the validation split
+# and valid2 the test split: the two never share a row.
+_ROW_SPLIT = {"validation": "valid1", "valid": "valid1", "test": "valid2"}
+
+
+def row_split(wanted: str) -> str:
+    """The value of a row's ``split`` field that belongs to the configured split."""
+    return _ROW_SPLIT.get(wanted, wanted)
+
+
+def hub_split(wanted: str) -> str:
+    """The hub split (and hub file prefix) that holds the configured split's rows."""
+    return "validation" if row_split(wanted).startswith("valid") else wanted
 
 
 def _files(root: Path) -> list[Path]:
@@ -47,22 +56,32 @@ def load(cfg: TLDRData, split: str) -> tuple[list[Comparison], LoadReport]:
     report = LoadReport()
     root = cfg.resolved_root()
     if root is None:
-        sources = [(f"hub:{cfg.hub_id}/{split}", hub_rows(cfg.hub_id, split, name="comparisons"))]
+        hub = hub_split(split)
+        sources = [(f"hub:{cfg.hub_id}/{hub}", hub_rows(cfg.hub_id, hub, name="comparisons"))]
     else:
         if (root / "tldr").is_dir():
             root = root / "tldr"
-        # Hub parquet files are one split each ("train-00000-of-00001.parquet"): read only this split's.
-        # Batch files mix splits; rows are filtered by their own `split` field below.
+        # Hub parquet files are one hub split each ("validation-00000-of-00001.parquet"): read only the one
+        # holding this split's rows. Batch files mix splits. Rows are filtered by their `split` field below.
         files = [
-            p for p in _files(root) if p.suffix != ".parquet" or _split_matches(p.name.split("-")[0], split)
+            p for p in _files(root) if p.suffix != ".parquet" or p.name.split("-")[0] == hub_split(split)
         ]
         if not files:
             raise DataError(str(root), f"no TL;DR file for split {split!r} in this folder")
         sources = [(str(p), read_rows(p)) for p in files]
     for file, rows in sources:
         for line, row in rows:
-            if row.get("split") is not None and not _split_matches(need(row, "split", file, line), split):
-                continue
+            if row.get("split") is not None:
+                if need(row, "split", file, line) != row_split(split):
+                    continue
+            elif hub_split(split) != split:
+                # a validation file's row without its own split cannot be told valid1 from valid2
+                raise DataError(
+                    file,
+                    f"no split field: cannot tell whether the row is {split!r}",
+                    line=line,
+                    field="split",
+                )
             info = need(row, "info", file, line, dict)
             summaries = need(row, "summaries", file, line, list)
             choice = need(row, "choice", file, line, int)

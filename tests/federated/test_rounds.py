@@ -1,0 +1,116 @@
+"""The round loop's decisions with a scripted transport: no model, exact numbers."""
+
+import json
+
+import torch
+
+from fedbiscuit.config import config_from_dict
+from fedbiscuit.federated.algorithm import Algorithm
+from fedbiscuit.federated.checkpoint import ServerState
+from fedbiscuit.federated.client import TrainReply
+from fedbiscuit.federated.rounds import RoundLoop
+from fedbiscuit.runs import RunDir
+
+CLIENTS = [f"c{i}" for i in range(6)]
+
+
+class Scripted:
+    """Each client adds its own step to the state it is sent; scoring answers as told."""
+
+    def __init__(self, steps: dict[str, float], sizes: dict[str, int], scores=None):
+        self.steps, self.sizes, self.scores = steps, sizes, scores
+        self.size_calls = 0
+
+    def train(self, jobs, round_):
+        return {
+            name: TrainReply(
+                {k: v + self.steps[name] for k, v in job.state.items()},
+                self.sizes[name],
+                {"loss": 0.1, "seconds": 0.0},
+            )
+            for name, job in jobs.items()
+        }
+
+    def score(self, selectors, round_):
+        return self.scores(selectors, round_)
+
+    def optimizer_states(self):
+        return {}
+
+    def client_sizes(self):
+        self.size_calls += 1
+        return dict(self.sizes)
+
+
+def _loop(tmp_path, transport, **fb):
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "pipeline": "federated",
+            "federated": {
+                "algorithm": "fedbiscuit",
+                "rounds": 1,
+                "clients_per_round": 2,
+                "eval_every": 100,
+                "checkpoint_every": 100,
+                "weighting": fb.pop("weighting", "uniform"),
+                "fedbiscuit": {"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 1, **fb},
+            },
+        }
+    )
+    algorithm = Algorithm(cfg.federated, CLIENTS, cfg.seed)
+    return RoundLoop(cfg, algorithm, RunDir(cfg), transport, quiet=True), cfg
+
+
+def test_a_failed_grouping_round_leaves_every_client_in_its_cluster(tmp_path):
+    # Clusters not interleaved in client order: the old fallback dealt them out again and moved 4 of 6.
+    before = {c: "selector-0" if i < 3 else "selector-1" for i, c in enumerate(CLIENTS)}
+    transport = Scripted({}, {}, scores=lambda sel, r: {c: "raised OSError: disk gone" for c in CLIENTS})
+    loop, cfg = _loop(tmp_path, transport)
+    state = ServerState(4, {"selector-0": {}, "selector-1": {}}, dict(before))
+    loop.regroup(state, 4)
+    assert state.clusters == before
+    (record,) = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["assignment"] == before and set(record["unscored"]) == set(CLIENTS)
+
+
+def test_clients_that_cannot_score_join_the_smallest_cluster(tmp_path):
+    def scores(selectors, r):
+        out = {c: {"selector-0": 0.1, "selector-1": 0.9} for c in CLIENTS[:3]}
+        out |= {c: {"selector-0": 0.9, "selector-1": 0.1} for c in CLIENTS[3:5]}
+        out["c5"] = "raised RuntimeError"
+        return out
+
+    loop, _ = _loop(tmp_path, Scripted({}, {}, scores=scores))
+    state = ServerState(4, {"selector-0": {}, "selector-1": {}}, {c: "selector-0" for c in CLIENTS})
+    loop.regroup(state, 4)
+    assert state.clusters == {c: "selector-0" if i < 3 else "selector-1" for i, c in enumerate(CLIENTS)}
+
+
+def test_the_loop_hands_every_clients_samples_to_the_weighted_paper_rule(tmp_path):
+    steps = {c: float(i + 1) for i, c in enumerate(CLIENTS)}
+    sizes = {c: 10 * (i + 1) for i, c in enumerate(CLIENTS)}  # 210 in all
+    transport = Scripted(steps, sizes)
+    loop, cfg = _loop(tmp_path, transport, update="paper", weighting="samples")
+    cfg.federated.rounds = 3  # round 2 is the first after grouping (K=2, W=1)
+    state = ServerState(2, {"selector-0": {"w": torch.zeros(2)}, "selector-1": {"w": torch.zeros(2)}})
+    state.clusters = {c: "selector-0" for c in CLIENTS}
+    loop.algorithm.regroup_due = lambda r: False  # keep the clusters as set
+    members = loop.algorithm.sampled(2)
+    loop.run_rounds(state)
+    expected = sum(sizes[c] * steps[c] for c in members) / 210
+    assert torch.allclose(state.selectors["selector-0"]["w"], torch.full((2,), expected))
+    assert transport.size_calls == 1
+
+
+def test_warm_up_rounds_never_ask_for_sizes_and_average_plainly(tmp_path):
+    steps = {c: float(i + 1) for i, c in enumerate(CLIENTS)}
+    transport = Scripted(steps, {c: 5 for c in CLIENTS})
+    loop, _ = _loop(tmp_path, transport, update="paper", weighting="samples")
+    state = ServerState(0, {"selector-0": {"w": torch.zeros(2)}, "selector-1": {"w": torch.zeros(2)}})
+    members = loop.algorithm.sampled(0)
+    loop.run_rounds(state)
+    assert torch.allclose(
+        state.selectors["selector-0"]["w"], torch.full((2,), sum(steps[c] for c in members) / 2)
+    )
+    assert transport.size_calls == 0
