@@ -208,7 +208,7 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run of the same name"),
 ) -> None:
     """Run the pipeline the config describes; writes runs/<name>/."""
-    from .pipeline import run as run_pipeline
+    from .runner import run as run_pipeline
 
     cfg = _load(config, overrides)
     console.print(

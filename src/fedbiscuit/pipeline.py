@@ -1,4 +1,8 @@
-"""Runs the stages a config names and owns the run folder. Today: one selector trained centrally."""
+"""Phase 1 and what every stage shares: the workspace, the centralized selector, the federated selectors.
+
+The dispatch from a config to its pipeline lives in ``runner`` (above this module and ``rlhf``), so this
+module never imports phase 2 and phase 2 imports it: layers import only downward.
+"""
 
 from __future__ import annotations
 
@@ -248,9 +252,6 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
     client_data = list(data.clients.values())
     if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
         client_data = [ClientData("all", data.all_train(), [p for c in client_data for p in c.heldout])]
-    empty = [c.name for c in client_data if not c.train]
-    if empty:
-        raise ValueError(f"clients with no training pairs: {empty}")
     clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
     algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
     tests = {name: ws.encoder.encode(pairs, owner=name) for name, pairs in data.all_test().items()}
@@ -318,17 +319,3 @@ def federated_summary(run: RunDir, state) -> dict:
         "final": evals[-1] if evals else None,
         "first": evals[0] if evals else None,
     }
-
-
-def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
-    if cfg.pipeline == "centralized":
-        if resume:
-            raise ValueError("--resume applies to federated runs (pipeline: federated)")
-        return run_centralized(cfg, quiet, overwrite)
-    if cfg.pipeline == "federated":
-        return run_federated(cfg, quiet, resume, overwrite)
-    if cfg.pipeline == "rlhf":
-        from .rlhf.phase2 import run_rlhf
-
-        return run_rlhf(cfg, quiet, resume, overwrite)
-    raise ValueError(f"unknown pipeline {cfg.pipeline!r}")

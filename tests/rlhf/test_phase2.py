@@ -6,7 +6,7 @@ import torch
 from fedbiscuit.config import ConfigError, config_from_dict
 from fedbiscuit.data.synthetic import planted_run_config
 from fedbiscuit.models.adapters import read_adapter
-from fedbiscuit.pipeline import run
+from fedbiscuit.runner import run
 from fedbiscuit.runs import read_records
 
 
