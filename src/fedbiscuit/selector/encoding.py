@@ -105,16 +105,19 @@ class PairEncoder:
             for p in pairs:
                 seqs.append(self.sequence(p, swap))
                 targets.append(1.0 - p.label if swap else p.label)
+        ids, mask = self.pad(seqs, device)
+        target = torch.tensor(targets, dtype=torch.float32)
+        return ids, mask, target if device is None else target.to(device)
+
+    def pad(self, seqs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), right-padded to a multiple of PAD_MULTIPLE."""
         width = padded_width(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
-        target = torch.tensor(targets, dtype=torch.float32)
-        if device is not None:
-            ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        return ids, mask, target
+        return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 def _adds_bos(tokenizer) -> bool:

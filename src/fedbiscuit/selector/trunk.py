@@ -301,8 +301,8 @@ class CachedEncoder(PairEncoder):
         suffixes = []
         for p in pairs:
             suffixes += [p.a + p2 + p.b + p3, p.b + p2 + p.a + p3]
-        pre_ids, pre_mask = self._pad(prefixes, device)
-        suf_ids, suf_mask = self._pad(suffixes, device)
+        pre_ids, pre_mask = self.pad(prefixes, device)
+        suf_ids, suf_mask = self.pad(suffixes, device)
         pre_len = pre_mask.sum(1)
         was_training = model.training
         model.eval()
@@ -331,15 +331,6 @@ class CachedEncoder(PairEncoder):
             s = len(suffixes[2 * i])
             result.append((pre[i, : len(prefixes[i])], suf[2 * i, :s], suf[2 * i + 1, :s]))
         return result
-
-    def _pad(self, seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = padded_width(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return ids.to(device), mask.to(device)
 
     def _check_split(self) -> None:
         """The split forward must equal the model's own on a short sequence, or this model is not supported."""
