@@ -47,7 +47,6 @@ class SelectorClient:
         self.encoder = encoder
         self.choice_ids = choice_ids
         self._train: list[EncodedPair] | None = None
-        self._heldout: list[EncodedPair] | None = None
         self._scoring: tuple[int | None, list[EncodedPair]] | None = None
         # AdamW state carried across rounds, only with reset_optimizer=False (checkpointed with the server state)
         self.optimizer_state: dict | None = None
@@ -58,12 +57,6 @@ class SelectorClient:
         if self._train is None:
             self._train = self.encoder.encode(self.data.train)
         return self._train
-
-    @property
-    def heldout_pairs(self) -> list[EncodedPair]:
-        if self._heldout is None:
-            self._heldout = self.encoder.encode(self.data.heldout)
-        return self._heldout
 
     def scoring_pairs(self, max_pairs: int | None) -> list[EncodedPair]:
         """The (prefix of the) held-out slice selectors are scored on, encoded only that far: on the cached

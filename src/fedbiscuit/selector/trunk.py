@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..durable import durable_write_text
 from .encoding import EncodedPair, PairEncoder, padded_width
 from .prompts import Template
 from .scoring import _base, answer_logits
@@ -126,7 +126,7 @@ class TrunkStore:
             if found != identity:
                 raise ValueError(f"{meta} belongs to other weights or settings; remove {self.folder}")
         else:
-            _atomic_write(meta, json.dumps(identity))
+            durable_write_text(meta, json.dumps(identity))
         self.data_path = self.folder / "states.bin"
         self.index_path = self.folder / "index.json"
         self.index: dict[str, list[int]] = {}
@@ -189,7 +189,7 @@ class TrunkStore:
     def commit(self, fh) -> None:
         fh.flush()
         os.fsync(fh.fileno())
-        _atomic_write(self.index_path, json.dumps(self.index))
+        durable_write_text(self.index_path, json.dumps(self.index))
 
 
 class _Appender:
@@ -205,19 +205,6 @@ class _Appender:
 
     def commit(self) -> None:
         self.store.commit(self.fh)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class CachedEncoder(PairEncoder):
@@ -366,10 +353,11 @@ class CachedEncoder(PairEncoder):
 
     def hidden_batch(self, pairs: list[EncodedPair], both_orders: bool, device=None):
         """(trunk states [R, T, d], attention_mask, target): ``batch`` with states in place of token ids."""
-        missing = [p for p in pairs if pair_key(p) not in self.store]
+        keys = [pair_key(p) for p in pairs]
+        missing = [p for p, k in zip(pairs, keys, strict=True) if k not in self.store]
         if missing:  # pairs made by the base class's encode (or another encoder): build them now
             self.prepare(missing)
-        states = [self.store.get(pair_key(p)) for p in pairs]
+        states = [self.store.get(k) for k in keys]
         hidden, mask = self._assemble(pairs, states, both_orders, device)
         targets = [p.label for p in pairs] + ([1.0 - p.label for p in pairs] if both_orders else [])
         return hidden, mask, torch.tensor(targets, dtype=torch.float32, device=device)
