@@ -98,3 +98,38 @@ def test_real_hh_rlhf_four_clients(real_data):
     for c in fed.clients.values():
         train_prompts = {p.prompt for p in c.train}
         assert not train_prompts & {p.prompt for p in c.heldout}
+
+
+def test_hh_cut_into_256_clients_at_population_scale(real_data):
+    # The four subsets cut into 64 parts each: every pair on exactly one client, and every test pair on the
+    # client that holds its prompt's part (so seen clients are evaluated on their own people's pairs).
+    from fedbiscuit.config import PartitionConfig
+
+    cfg = HHRLHFData(root=str(real_data), partition=PartitionConfig(split_each=64))
+    data = prepare_data(cfg, seed=0)
+    assert len(data.clients) == 256
+    sizes = [len(c.train) + len(c.heldout) for c in data.clients.values()]
+    assert sum(sizes) == sum(data.report.kept.values())  # nothing lost in the cut
+    assert len({p.uid for c in data.clients.values() for p in c.train + c.heldout}) == sum(sizes)
+    assert min(sizes) >= 5 and max(sizes) <= 60  # ~21 pairs each: a hash split is balanced
+    assert not data.eval_only and sum(len(c.test) for c in data.clients.values()) > 1000
+
+
+def test_hh_dirichlet_over_256_clients_names_the_fix_or_counts_empty_clients(real_data):
+    from fedbiscuit.config import PartitionConfig
+
+    strict = HHRLHFData(
+        root=str(real_data), partition=PartitionConfig(method="dirichlet", num_clients=256, alpha=0.3)
+    )
+    with pytest.raises(
+        ValueError, match=r"alpha=0.3 .* min_partition_size=1 .* partition.min_partition_size=0"
+    ):
+        prepare_data(strict, seed=0)
+    loose = strict.model_copy(
+        update={
+            "partition": PartitionConfig(method="dirichlet", num_clients=256, alpha=0.3, min_partition_size=0)
+        }
+    )
+    data = prepare_data(loose, seed=0)
+    empty = data.report.dropped["empty client after partition"]
+    assert 0 < empty < 32 and len(data.clients) + empty + len(data.report.skipped) == 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 from ..config import PartitionConfig
@@ -71,10 +72,22 @@ def _flwr_partition(pairs: list[Comparison], cfg: PartitionConfig, seed: int) ->
         )
     part.dataset = ds
     width = len(str(n - 1))
-    return {
-        f"partition-{i:0{width}d}": [p for j in part.load_partition(i)["idx"] for p in units[j]]
-        for i in range(n)
-    }
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # flwr-datasets warns on every resampling; the error below says it all
+            warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
+            indices = [part.load_partition(i)["idx"] for i in range(n)]
+    except ValueError as err:
+        if cfg.method != "dirichlet":
+            raise
+        raise ValueError(
+            f"partition: a Dirichlet draw with alpha={cfg.alpha} over {len(set(ds['natural']))} natural ids did "
+            f"not give each of the {n} clients at least min_partition_size={cfg.min_partition_size} prompts "
+            f"(flwr-datasets: {err}). Raise partition.alpha, lower partition.num_clients, or set "
+            "partition.min_partition_size=0 (empty clients are then skipped and counted)"
+        ) from err
+    return {f"partition-{i:0{width}d}": [p for j in idx for p in units[j]] for i, idx in enumerate(indices)}
 
 
 def partition(
