@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def run_simulation(
         home = deploy.write_flwr_config(tmp / "flwr-home", f"127.0.0.1:{port}", name=CONNECTION).parent
         env = _environment(cfg, home, tmp)
         try:
-            with deploy.Processes(logs, env) as procs:
+            with _terminate_unwinds(), deploy.Processes(logs, env) as procs:
                 link = procs.start("superlink", _superlink_args(port))
                 if not _listening(port, link, timeout=60):
                     raise SimulationError(
@@ -238,6 +239,24 @@ def _run_status(env: dict[str, str]) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError):
         return {"status": "unknown", "status-details": f"`flwr ls` said: {out.stdout}{out.stderr}"[:2000]}
     return runs[0] if runs else {"status": "not started"}
+
+
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """SIGTERM (a scheduler, `timeout`, `kill`) unwinds the stack as Ctrl-C does, so the processes started
+    here are stopped on the way out: they run in their own sessions, and nothing else would end them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _end_leftovers(marker: str) -> None:
