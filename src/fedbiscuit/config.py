@@ -270,6 +270,20 @@ class CentralDPConfig(_Section):
     noise_multiplier: float = Field(ge=0)  # z: noise std on a selector averaged over n members is z * C / n
 
 
+class FlowerSimulationConfig(_Section):
+    """Flower's simulation runtime (``fedbiscuit flower-sim``): Ray actors run the ClientApp for the virtual
+    SuperNodes. Ray starts cores // cpus_per_client actors (fewer if the GPUs run out first); each actor loads
+    its own copy of the base model once and serves every node sent to it (README: what one actor costs)."""
+
+    cpus_per_client: int = Field(default=1, ge=1)  # CPU cores Ray reserves for each ClientApp actor
+    # GPU share per actor: 0.25 lets four actors share one GPU; 0 hides the GPUs from the actors
+    gpus_per_client: float = Field(default=0.0, ge=0, le=1)
+    num_cpus: int | None = Field(default=None, ge=1)  # cores Ray may use in all (None: every core)
+    # Ray's shared-memory object store, which holds messages in flight (a SmolLM2 adapter is 1.84 MB); Ray
+    # spills to disk beyond it. Ray's own default is 30% of RAM.
+    object_store_mb: int = Field(default=256, ge=100)
+
+
 class FlowerConfig(_Section):
     """The Flower engine (fedbiscuit.flower): how the ServerApp finds its SuperNodes and waits for them."""
 
@@ -286,6 +300,7 @@ class FlowerConfig(_Section):
     check_transport_mb: float = Field(default=0, ge=0)
     # The ServerApp scores the selectors on its own copy of the evaluation split (data.root on the server).
     server_eval: bool = True
+    simulation: FlowerSimulationConfig = FlowerSimulationConfig()
 
 
 class FederatedConfig(_Section):

@@ -79,6 +79,11 @@ RESUMABLE_CHANGES = {
     "federated.flower.reply_timeout_s",
     "federated.flower.rejoin_wait_s",
     "federated.flower.check_transport_mb",
+    # where the simulation's actors run, not what they compute
+    "federated.flower.simulation.cpus_per_client",
+    "federated.flower.simulation.gpus_per_client",
+    "federated.flower.simulation.num_cpus",
+    "federated.flower.simulation.object_store_mb",
 }
 
 

@@ -26,10 +26,13 @@ from . import messages as m
 
 app = ClientApp()
 
-# One loaded workspace per (run config, data folder) in this process. A deployed SuperNode starts a new
-# process per message, so this only saves work in-process, where several simulated nodes share one model as
-# the local engine's clients do.
+# Per process, keyed by (run config, data folder): one loaded workspace (one base model), the prepared data
+# until a workspace holds it, and one SelectorClient per client (its data as token ids; no model, and no
+# optimizer: Flower runs keep none between rounds). A deployed SuperNode starts a new process per message, so
+# this saves work where one process serves many nodes: in-process runs, and each Ray actor of a simulation,
+# which loads one model and then serves whichever of the N virtual nodes Ray sends it.
 _WORKSPACES: dict[str, object] = {}
+_DATA: dict[str, object] = {}
 _CLIENTS: dict[tuple, object] = {}
 
 
@@ -81,8 +84,10 @@ def _data(raw_cfg: dict, context: Context):
     key, raw_cfg = _node_cfg(raw_cfg, context)
     if key in _WORKSPACES:
         return _select(_WORKSPACES[key].data.clients, context)[0]
-    cfg = config_from_dict(raw_cfg, "the server's run config")
-    return _select(prepare_data(cfg.data, seed=cfg.seed).clients, context)[0]
+    if key not in _DATA:  # an actor answers many nodes' identify queries: read the data once
+        cfg = config_from_dict(raw_cfg, "the server's run config")
+        _DATA[key] = prepare_data(cfg.data, seed=cfg.seed)
+    return _select(_DATA[key].clients, context)[0]
 
 
 def _client(raw_cfg: dict, context: Context):
@@ -97,6 +102,7 @@ def _client(raw_cfg: dict, context: Context):
         cfg = config_from_dict(raw_cfg, "the server's run config")
         configure_determinism(cfg.deterministic)  # a node opens no run folder: fix its kernels here
         _WORKSPACES[key] = open_workspace(cfg, quiet=True)
+        _DATA.pop(key, None)  # the workspace holds its own copy
     ws = _WORKSPACES[key]
     data, index = _select(ws.data.clients, context)
     if (key, data.name) not in _CLIENTS:
@@ -171,4 +177,5 @@ def echo(msg: Message, context: Context) -> Message:
 def clear_cache() -> None:
     """Drop the models and clients loaded in this process (in-process runs and tests)."""
     _WORKSPACES.clear()
+    _DATA.clear()
     _CLIENTS.clear()
