@@ -258,14 +258,14 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
     from .federated.population import after_training
 
     cfg, data, quiet = ws.cfg, ws.data, ws.quiet
-    # Everyone who trains, and after the rounds everyone who is evaluated (population.py): the unseen
-    # clients, numbered after the seen ones so their seeds never repeat a seen client's.
-    people = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(data.clients.values())]
+    # The seen clients train; after the rounds they and the unseen clients are evaluated (population.py). The
+    # unseen are numbered after the seen, so their seeds never repeat a seen client's.
+    seen = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(data.clients.values())]
     unseen = [
-        SelectorClient(len(people) + j, c, ws.encoder, ws.choice_ids)
+        SelectorClient(len(seen) + j, c, ws.encoder, ws.choice_ids)
         for j, c in enumerate(data.unseen.values())
     ]
-    clients = people
+    clients = seen
     if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
         held = [p for c in data.clients.values() for p in c.heldout]
         clients = [SelectorClient(0, ClientData("all", data.all_train(), held), ws.encoder, ws.choice_ids)]
@@ -297,7 +297,7 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
         engine.evaluate(state, 0)
     state = engine.run_rounds(state)
     # logged at the final round: a resumed run (even one that had finished) drops these records and redoes them
-    after_training(ws.model, people, unseen, state.selectors, state.clusters, cfg, state.round, run.log)
+    after_training(ws.model, seen, unseen, state.selectors, state.clusters, cfg, state.round, run.log)
     return state, federated_summary(run, state)
 
 
@@ -325,6 +325,9 @@ def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, dat
     return state, False
 
 
+POPULATIONS = ("unseen", "personalized")  # the records population.after_training writes, if any
+
+
 def federated_summary(run: RunDir, state) -> dict:
     records = run.records()  # the whole run, also the part before a resume
     evals = [r for r in records if r["event"] == "eval" and "round" in r]
@@ -344,6 +347,3 @@ def federated_summary(run: RunDir, state) -> dict:
         "first": evals[0] if evals else None,
         **last,
     }
-
-
-POPULATIONS = ("unseen", "personalized")  # the records population.after_training writes, if any
