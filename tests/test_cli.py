@@ -302,5 +302,9 @@ def test_a_centralized_run_reports_its_unseen_clients(config):
     flat = " ".join(result.output.split())
     # trained on harmless-base alone (refusals win), the selector sides against every helpful-base judgment;
     # helpful-base's 30 pairs: 22 of its 24 training-split pairs (2 are its labelled slice) and its 8 test pairs
-    assert "unseen clients (never trained), 1 of them: 0.0% of 30 pairs" in flat
-    assert "helpful-base" not in flat  # neither trained nor among the seen clients' evaluation
+    assert "unseen clients (never trained): 0.0% of 30 pairs" in flat
+    assert (
+        "1 with >= 5 pairs: mean over clients 0.0%, worst 0.0% (helpful-base), p10 0.0%, spread 0.0%" in flat
+    )
+    assert "seen clients, 1 with >= 5 pairs: mean over clients 100.0%, worst 100.0% (harmless-base)" in flat
+    assert "helpful-base" not in flat.split("unseen clients")[0]  # neither trained nor among the seen clients

@@ -302,12 +302,14 @@ def run(
     t = results["train"]
     if "paired" in results:
         console.print(_paired_sentence(results["paired"]))
+    if "after" in results:
+        console.print(f"seen clients, {_fairness_sentence(results['after']['fairness'])}")
     if "unseen" in results:
-        o, f = results["unseen"]["own"]["overall"], results["unseen"]["own"]["fairness"]
+        o = results["unseen"]["own"]["overall"]
         lo, hi = o["ci95"]
         console.print(
-            f"unseen clients (never trained), {f['clients']} of them: {_pct(o['agreement'])} of {o['n']} pairs "
-            f"(95% interval {_pct(lo)} to {_pct(hi)}); worst client {_pct(f['worst'])}, p10 {_pct(f['p10'])}"
+            f"unseen clients (never trained): {_pct(o['agreement'])} of {o['n']} pairs (95% interval {_pct(lo)} "
+            f"to {_pct(hi)}); {_fairness_sentence(results['unseen']['own']['fairness'])}"
         )
     curve = results.get("heldout_curve") or []
     if len(curve) > 1:
@@ -320,6 +322,14 @@ def run(
         "'agree' averages both presentation orders; 'A|B / B|A' is each order alone, so a gap between them is "
         "position bias. 50% is chance.\n"
         f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, run.log), selector: {results['checkpoint']}"
+    )
+
+
+def _fairness_sentence(f: dict) -> str:
+    small = f" ({f['left_out']} with fewer pairs left out)" if f["left_out"] else ""
+    return (
+        f"{f['clients']} with >= {f['min_pairs']} pairs{small}: mean over clients {_pct(f['mean'])}, worst "
+        f"{_pct(f['worst'])} ({f['worst_client']}), p10 {_pct(f['p10'])}, spread {_pct(f['spread'])}"
     )
 
 
