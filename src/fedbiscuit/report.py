@@ -125,14 +125,16 @@ def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
     kinds = [k for k in POPULATION_COLOURS if any(row[0] == k for rows in plotted for row in rows)]
     if not kinds:
         return []
-    fig, ax = plt.subplots(figsize=(3 + 0.6 * len(runs) * len(kinds), 4.5))
-    width = 0.8 / len(kinds)  # each run's slot on the x axis, shared by its populations
+    fig, ax = plt.subplots(figsize=(3 + 0.6 * sum(len(rows) for rows in plotted), 4.5))
     labelled: set[str] = set()
     for i, rows in enumerate(plotted):
-        for population, _, rep in rows:
+        width = 0.8 / max(1, len(rows))  # run i's slot on the x axis, shared by its populations
+        if i:
+            ax.axvline(i - 0.5, color="lightgrey", lw=0.8)
+        for j, (population, _, rep) in enumerate(rows):
             f = fairness(rep)
             ys = sorted(100 * c["agreement"] for c in rep["clients"].values() if c["n"] >= f["min_pairs"])
-            x = i - 0.4 + width * (kinds.index(population) + 0.5)
+            x = i - 0.4 + width * (j + 0.5)
             # clients spread evenly across the slot (sorted, so equal values do not hide one another)
             xs = [x + width * 0.3 * (2 * k / (len(ys) - 1) - 1) if len(ys) > 1 else x for k in range(len(ys))]
             label = None if population in labelled else population
