@@ -122,8 +122,7 @@ def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
     marked) and the Markdown table of the same figures."""
     # the vote is a second view of the unseen clients, not another population: the table has it, the plot not
     plotted = [[row for row in run["populations"] if row[1] != "vote"] for run in runs]
-    kinds = [k for k in POPULATION_COLOURS if any(row[0] == k for rows in plotted for row in rows)]
-    if not kinds:
+    if not any(plotted):
         return []
     fig, ax = plt.subplots(figsize=(3 + 0.6 * sum(len(rows) for rows in plotted), 4.5))
     labelled: set[str] = set()
