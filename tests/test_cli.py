@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -229,3 +230,81 @@ def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp
     assert done["final"]["win_rate"] == final["win_rate"] and done["best_of_n"] == {
         k: v for k, v in best.items() if k not in ("event", "time")
     }
+
+
+def test_seen_unseen_and_personalised_clients_side_by_side_in_the_summary_and_the_report(tmp_path):
+    from fedbiscuit.data.synthetic import planted_run_config
+
+    raw = planted_run_config(
+        tmp_path,
+        "pop",
+        clients=10,
+        algorithm="fedbiscuit",
+        rounds=6,
+        clients_per_round=4,
+        local_steps=3,
+        personalize_steps=4,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2},
+    )
+    raw["data"]["unseen_clients"] = ["client-2", "client-5"]
+    path = tmp_path / "pop.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    listed = runner.invoke(app, ["data", str(path)], terminal_width=200)
+    assert listed.exit_code == 0, listed.output
+    assert (
+        "client-2 (unseen)" in listed.output
+        and "held out of training (unseen): client-2, client-5" in listed.output
+    )
+
+    result = runner.invoke(app, ["run", str(path), "--quiet"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "sides with the human raters" in out  # the one-sentence verdict stays
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    rows = {c[0]: c[1:] for c in cells if len(c) == 9 and c[0].startswith(("seen", "unseen"))}
+    assert list(rows) == [
+        "seen (own)",
+        "unseen (joined)",
+        "unseen (vote)",
+        "seen personalised",
+        "unseen personalised",
+    ]
+    assert [r[:2] for r in rows.values()] == [["8", "48"], ["2", "12"], ["2", "12"], ["8", "48"], ["2", "12"]]
+    # each unseen client joined the selector of its planted group: served as well as the seen clients
+    assert rows["seen (own)"][2] == rows["unseen (joined)"][2] == "100.0"
+    assert "worst client: seen (own) client-" in out
+    assert "unseen clients joined selector-" in out and "personalising 4 steps, seen clients:" in out
+
+    run = tmp_path / "runs" / "pop"
+    report = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "rep")], terminal_width=250)
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Per client: seen and unseen clients" in text and "![per client](per_client.png)" in text
+    for row in (
+        "| pop | seen | own | 8 | 48 | 100.0% |",
+        "| pop | unseen | joined | 2 | 12 | 100.0% |",
+        "| pop | unseen | vote | 2 | 12 |",
+        "| pop | seen personalised | 4 steps | 8 | 48 |",
+        "| pop | unseen personalised | 4 steps | 2 | 12 |",
+    ):
+        assert row in text
+    assert (tmp_path / "rep" / "per_client.png").stat().st_size > 5_000
+
+
+def test_a_centralized_run_reports_its_unseen_clients(config):
+    result = runner.invoke(
+        app,
+        ["run", str(config), "train.steps=2", "data.unseen_clients=[helpful-base]", "--quiet"],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    # trained on harmless-base alone (refusals win), the selector sides against every helpful-base judgment;
+    # helpful-base's 30 pairs: 22 of its 24 training-split pairs (2 are its labelled slice) and its 8 test pairs
+    assert "unseen clients (never trained): 0.0% of 30 pairs" in flat
+    assert (
+        "1 with >= 5 pairs: mean over clients 0.0%, worst 0.0% (helpful-base), p10 0.0%, spread 0.0%" in flat
+    )
+    assert "seen clients, 1 with >= 5 pairs: mean over clients 100.0%, worst 100.0% (harmless-base)" in flat
+    assert "helpful-base" not in flat.split("unseen clients")[0]  # neither trained nor among the seen clients

@@ -109,3 +109,32 @@ def test_cached_selector_path_needs_top_layers():
     assert cfg.selector.path == "cached" and cfg.model.lora.top_layers == 4
     with pytest.raises(ConfigError, match="model.lora.top_layers"):
         config_from_dict({"model": {"lora": {"top_layers": 0}}})
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("data.unseen_clients=1.5", "must lie in (0, 1), got 1.5"),
+        ("data.unseen_clients=0", "must lie in (0, 1), got 0"),
+        ("data.unseen_clients=[]", "empty list"),
+        ("data.unseen_clients=[a,b,a]", "names 'a' more than once"),
+        ("data.unseen_clients=0.2 data.heldout_fraction=0", "data.heldout_fraction is 0"),
+        ("federated.personalize_steps=-1", "federated.personalize_steps"),
+        ("eval.min_client_pairs=0", "eval.min_client_pairs"),
+    ],
+)
+def test_population_options_name_the_key_and_value(tmp_path, override, needle):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, override.split())
+    assert needle in str(err.value) and override.split()[0].rsplit("=")[0] in str(err.value)
+
+
+def test_population_options_parse_from_the_command_line(tmp_path):
+    from fedbiscuit.selector.metrics import MIN_CLIENT_PAIRS
+
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    assert load_config(path, ["data.unseen_clients=[helpful-base]"]).data.unseen_clients == ["helpful-base"]
+    cfg = load_config(path, ["data.unseen_clients=0.25", "federated.personalize_steps=5"])
+    assert cfg.data.unseen_clients == 0.25 and cfg.federated.personalize_steps == 5
+    assert cfg.eval.min_client_pairs == MIN_CLIENT_PAIRS  # the config's default is the metrics' default

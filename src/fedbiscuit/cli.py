@@ -69,6 +69,10 @@ def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
 def _agreement_table(title: str, reports: dict[str, dict]) -> Table:
     table = Table(title=title)
     table.add_column("client")
@@ -114,11 +118,8 @@ def _federated_summary(results: dict) -> None:
         )
     console.print(table)
     console.print(_learned_sentence(rows, first if not same else {}))
-    by_selector: dict[str, list[str]] = {}
-    for client, selector in sorted((results["clusters"] or {}).items()):
-        by_selector.setdefault(selector, []).append(client)
-    for selector, members in sorted(by_selector.items()):
-        console.print(f"  cluster of {selector}: {', '.join(members)}")
+    _clusters("cluster of", results["clusters"])
+    _population_summary(results)
     if results["faults"]:
         console.print(f"clients left out of rounds, by reason: {results['faults']}")
     console.print(
@@ -126,6 +127,80 @@ def _federated_summary(results: dict) -> None:
         f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, checkpoints/); "
         f"plots and a table: fedbiscuit report {results['run_dir']}"
     )
+
+
+def _clusters(what: str, assignment: dict[str, str] | None) -> None:
+    by_selector: dict[str, list[str]] = {}
+    for client, selector in sorted((assignment or {}).items()):
+        by_selector.setdefault(selector, []).append(client)
+    for selector, members in sorted(by_selector.items()):
+        console.print(f"  {what} {selector}: {', '.join(members)}")
+
+
+def _population_summary(results: dict) -> None:
+    """Seen and unseen clients side by side, personalised copies beside them, and how evenly each is served."""
+    from .report import populations
+
+    unseen, personalized = results.get("unseen"), results.get("personalized")
+    rows = populations(results["final"], unseen, personalized)
+    if not rows:
+        return
+    min_pairs = rows[0][2]["fairness"]["min_pairs"]
+    table = Table(
+        title=f"per client (%): agreement on each client's own pairs; mean, worst, p10 and spread over the n "
+        f"clients with >= {min_pairs} pairs",
+        box=None,  # 80 columns hold it
+        pad_edge=False,
+    )
+    table.add_column("clients (judged by)", no_wrap=True)
+    for col in ("n", "pairs", "agree", "95% CI", "mean", "worst", "p10", "spread"):
+        table.add_column(col, justify="right", no_wrap=True)
+    labels = [p if "personalised" in p else f"{p} ({by})" for p, by, _ in rows]  # personalised: own copies
+    for label, (_, _, rep) in zip(labels, rows, strict=True):
+        o, f = rep["overall"], rep["fairness"]
+        lo, hi = o["ci95"]
+        table.add_row(
+            label,
+            str(f["clients"]) + (f"+{f['left_out']}" if f["left_out"] else ""),
+            str(o["n"]),
+            _num(o["agreement"]),
+            f"{_num(lo)}-{_num(hi)}",
+            _num(f["mean"]),
+            _num(f["worst"]),
+            _num(f["p10"]),
+            _num(f["spread"]),
+        )
+    console.print(table)
+    worst = (
+        f"{label} {rep['fairness']['worst_client']}" for label, (_, _, rep) in zip(labels, rows, strict=True)
+    )
+    console.print("  worst client: " + "; ".join(worst))
+    if unseen:
+        _clusters("unseen clients joined", unseen["assignment"])
+        if unseen["unscored"]:
+            console.print(f"  unseen clients that could not score the selectors: {unseen['unscored']}")
+    for population in ("seen", "unseen"):
+        part = (personalized or {}).get(population) or {}
+        if "paired" in part:
+            p = part["paired"]
+            lo, hi = p["ci95"]
+            console.print(
+                f"personalising {personalized['steps']} steps, {population} clients: {_pct(p['before'])} -> "
+                f"{_pct(p['after'])} on the same {p['n']} pairs (difference {100 * p['difference']:+.1f} points, "
+                f"95% interval {100 * lo:+.1f} to {100 * hi:+.1f}; McNemar p={p['mcnemar_p']:.2g})"
+            )
+        if part.get("skipped"):
+            console.print(f"  {population} clients not personalised: {part['skipped']}")
+    note = (
+        "'mean' averages clients, each counted once; 'spread' is the best client minus the worst; 'n+k': k more "
+        "clients had too few pairs to count."
+    )
+    if unseen:
+        note += (
+            " Unseen clients never trained: each joined the selector with the lowest loss on its labelled "
+            "(held-out) slice and is judged on its other pairs."
+        )
+    console.print(note)
 
 
 def _learned_sentence(rows, first: dict) -> str:
@@ -227,6 +302,15 @@ def run(
     t = results["train"]
     if "paired" in results:
         console.print(_paired_sentence(results["paired"]))
+    if "after" in results:
+        console.print(f"seen clients, {_fairness_sentence(results['after']['fairness'])}")
+    if "unseen" in results:
+        o = results["unseen"]["own"]["overall"]
+        lo, hi = o["ci95"]
+        console.print(
+            f"unseen clients (never trained): {_pct(o['agreement'])} of {o['n']} pairs (95% interval {_pct(lo)} "
+            f"to {_pct(hi)}); {_fairness_sentence(results['unseen']['own']['fairness'])}"
+        )
     curve = results.get("heldout_curve") or []
     if len(curve) > 1:
         points = ", ".join(f"{c['pairs_seen']}: {100 * c['agreement']:.1f}%" for c in curve)
@@ -238,6 +322,14 @@ def run(
         "'agree' averages both presentation orders; 'A|B / B|A' is each order alone, so a gap between them is "
         "position bias. 50% is chance.\n"
         f"files: {results['run_dir']}/ (config.yaml, metrics.jsonl, run.log), selector: {results['checkpoint']}"
+    )
+
+
+def _fairness_sentence(f: dict) -> str:
+    small = f" ({f['left_out']} with fewer pairs left out)" if f["left_out"] else ""
+    return (
+        f"{f['clients']} with >= {f['min_pairs']} pairs{small}: mean over clients {_pct(f['mean'])}, worst "
+        f"{_pct(f['worst'])} ({f['worst_client']}), p10 {_pct(f['p10'])}, spread {_pct(f['spread'])}"
     )
 
 
@@ -274,6 +366,8 @@ def data(config: Path, overrides: list[str] | None = _OVERRIDES) -> None:
     for name, pairs in fed.eval_only.items():
         if name not in fed.report.skipped:
             table.add_row(name, "0", "0", str(len(pairs)))
+    for name, c in fed.unseen.items():  # never trained: its labelled slice, then every other pair it has
+        table.add_row(f"{name} (unseen)", "0", str(len(c.heldout)), str(len(c.test)), style="italic")
     table.add_row(
         "total",
         str(sum(len(c.train) for c in fed.clients.values())),
@@ -282,6 +376,11 @@ def data(config: Path, overrides: list[str] | None = _OVERRIDES) -> None:
         style="bold",
     )
     console.print(table)
+    if fed.unseen:
+        console.print(
+            "unseen clients take no part in training: 'held-out' is the labelled slice they choose a selector "
+            "with, the last column all their other pairs (both splits); the total counts the seen clients"
+        )
     for label, rep in ((cfg.data.train_split, fed.report), (cfg.data.eval_split, fed.eval_report)):
         if rep is None:
             continue

@@ -61,6 +61,33 @@ class _DataBase(_Section):
     max_train_pairs_per_client: int | None = Field(default=None, ge=1)
     max_eval_pairs_per_client: int | None = Field(default=None, ge=1)
     partition: PartitionConfig = PartitionConfig()
+    # Clients held out of training entirely, to measure how the selectors serve people they never saw: a list
+    # of client names, or a share of the clients in (0, 1) chosen by a hash of (name, seed). After training,
+    # each scores every selector on its held-out slice (its only labels), joins the best, and is evaluated on
+    # everything else it has (federated/population.py).
+    unseen_clients: list[str] | float | None = None
+
+    @field_validator("unseen_clients")
+    @classmethod
+    def _unseen(cls, v: list[str] | float | None) -> list[str] | float | None:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"data.unseen_clients as a share of the clients must lie in (0, 1), got {v}")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("data.unseen_clients is an empty list: leave it unset (null) for none")
+            repeated = sorted({c for c in v if v.count(c) > 1})
+            if repeated:
+                raise ValueError(f"data.unseen_clients names {', '.join(map(repr, repeated))} more than once")
+        return v
+
+    @model_validator(mode="after")
+    def _unseen_needs_heldout(self) -> _DataBase:
+        if self.unseen_clients is not None and self.heldout_fraction == 0:
+            raise ValueError(
+                "data.unseen_clients: an unseen client's labelled slice is its held-out slice, but "
+                "data.heldout_fraction is 0; set it > 0"
+            )
+        return self
 
     def resolved_root(self) -> Path | None:
         root = self.root or os.environ.get("FEDBISCUIT_DATA_DIR")
@@ -238,6 +265,10 @@ class EvalConfig(_Section):
     # centralized: agreement on the held-out slice of the training split every N optimizer steps (a learning
     # curve that never looks at the evaluation split); None: only before and after training
     heldout_every: int | None = Field(default=None, ge=1)
+    # Per-client fairness figures (worst client, 10th percentile, spread) count only clients judged on at least
+    # this many decided pairs: below it one pair moves a client's agreement by 20 points or more, and the worst
+    # client would be whoever had the fewest pairs. Clients below it are counted as left out.
+    min_client_pairs: int = Field(default=5, ge=1)
 
 
 # ----------------------------------------------------------------------------------------- federated
@@ -317,6 +348,11 @@ class FederatedConfig(_Section):
     checkpoint_every: int = Field(default=5, ge=1)
     eval_every: int = Field(default=5, ge=1)  # rounds between agreement evaluations on the test split
     fedbiscuit: FedBiscuitConfig = FedBiscuitConfig()
+    # A personalisation baseline: after the rounds, every client fine-tunes its own copy of the selector it
+    # would use (FedBis's one; FedBiscuit's own cluster's) for this many local steps (train.* settings, a fresh
+    # optimizer) on its own training pairs, an unseen client on its labelled slice, and is evaluated on its own
+    # test pairs. 0: off. The copies are evaluated and dropped, never averaged or kept.
+    personalize_steps: int = Field(default=0, ge=0)
     dp: CentralDPConfig | None = None  # central differential privacy on adapter updates (off by default)
     flower: FlowerConfig = FlowerConfig()
 

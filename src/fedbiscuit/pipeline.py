@@ -95,7 +95,7 @@ def evaluate(ws: Workspace, stage: str, pairs: list | None = None) -> dict:
         progress=bar.update,
     )
     bar.close()
-    report = agreement_report(pairs, p_ab, p_ba)
+    report = agreement_report(pairs, p_ab, p_ba, ws.cfg.eval.min_client_pairs)
     report["seconds"] = time.perf_counter() - start
     report["stage"] = stage
     report["correct"] = pair_correct(pairs, p_ab, p_ba)
@@ -116,6 +116,7 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
                 "clients": {n: len(c.train) for n, c in ws.data.clients.items()},
                 "dropped": dict(ws.data.report.dropped),
                 "notes": ws.data.report.notes,
+                **({"unseen": unseen_sizes(ws.data)} if ws.data.unseen else {}),
             }
         )
         results = {}
@@ -179,6 +180,13 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
                     results["before"]["correct"], results["after"]["correct"]
                 )
                 run.log({"event": "paired", **results["paired"]})
+        if ws.data.unseen:  # one selector: every unseen client is judged by it, on its remaining pairs
+            pairs = [p for n, c in ws.data.unseen.items() for p in ws.encoder.encode(c.test, owner=n)]
+            results["unseen"] = {
+                "clients": unseen_sizes(ws.data),
+                "own": _logged(evaluate(ws, "unseen", pairs)),
+            }
+            run.log({"event": "unseen", **results["unseen"]})
         results["train"] = {
             "steps": result.steps,
             "seconds": result.seconds,
@@ -247,12 +255,20 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
     from .federated.algorithm import Algorithm
     from .federated.client import SelectorClient
     from .federated.local_engine import LocalEngine
+    from .federated.population import after_training
 
     cfg, data, quiet = ws.cfg, ws.data, ws.quiet
-    client_data = list(data.clients.values())
+    # The seen clients train; after the rounds they and the unseen clients are evaluated (population.py). The
+    # unseen are numbered after the seen, so their seeds never repeat a seen client's.
+    seen = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(data.clients.values())]
+    unseen = [
+        SelectorClient(len(seen) + j, c, ws.encoder, ws.choice_ids)
+        for j, c in enumerate(data.unseen.values())
+    ]
+    clients = seen
     if cfg.federated.algorithm == "centralized":  # the baseline: one client holding everybody's pairs
-        client_data = [ClientData("all", data.all_train(), [p for c in client_data for p in c.heldout])]
-    clients = [SelectorClient(i, c, ws.encoder, ws.choice_ids) for i, c in enumerate(client_data)]
+        held = [p for c in data.clients.values() for p in c.heldout]
+        clients = [SelectorClient(0, ClientData("all", data.all_train(), held), ws.encoder, ws.choice_ids)]
     algorithm = Algorithm(cfg.federated, [c.name for c in clients], cfg.seed)
     tests = {name: ws.encoder.encode(pairs, owner=name) for name, pairs in data.all_test().items()}
     if cfg.federated.algorithm == "local" and not set(tests) & {c.name for c in clients}:
@@ -271,6 +287,7 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
             "clients": {c.name: len(c.data.train) for c in clients},
             "dropped": dict(data.report.dropped),
             "notes": data.report.notes,
+            **({"unseen": unseen_sizes(data)} if data.unseen else {}),
         },
     )
     if resumed:
@@ -279,7 +296,13 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
     elif cfg.eval.before_training:
         engine.evaluate(state, 0)
     state = engine.run_rounds(state)
+    # logged at the final round: a resumed run (even one that had finished) drops these records and redoes them
+    after_training(ws.model, seen, unseen, state.selectors, state.clusters, cfg, state.round, run.log)
     return state, federated_summary(run, state)
+
+
+def unseen_sizes(data: FederatedData) -> dict[str, dict[str, int]]:
+    return {n: {"labelled": len(c.heldout), "remaining": len(c.test)} for n, c in data.unseen.items()}
 
 
 def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, data_event: dict):
@@ -302,6 +325,9 @@ def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, dat
     return state, False
 
 
+POPULATIONS = ("unseen", "personalized")  # the records population.after_training writes, if any
+
+
 def federated_summary(run: RunDir, state) -> dict:
     records = run.records()  # the whole run, also the part before a resume
     evals = [r for r in records if r["event"] == "eval" and "round" in r]
@@ -311,6 +337,7 @@ def federated_summary(run: RunDir, state) -> dict:
         if r["event"] == "round"
         for reason in r["rejected"].values()
     )
+    last = {kind: next((r for r in reversed(records) if r["event"] == kind), None) for kind in POPULATIONS}
     return {
         "run_dir": str(run.path),
         "rounds": state.round,
@@ -318,4 +345,5 @@ def federated_summary(run: RunDir, state) -> dict:
         "faults": dict(faults),
         "final": evals[-1] if evals else None,
         "first": evals[0] if evals else None,
+        **last,
     }

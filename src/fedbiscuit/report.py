@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .runs import read_records  # noqa: E402
+from .selector.metrics import client_fairness  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -20,19 +21,46 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return read_records(path)
 
 
-def headline(eval_record: dict) -> tuple[str, dict] | None:
-    """The figure that answers "how well does this run's selector serve a client": the client's own
+def headline_report(eval_record: dict) -> tuple[str, dict] | None:
+    """The report that answers "how well does this run's selector serve a client": the client's own
     (cluster's) selector where there is one, else the vote, else the single selector."""
     if "own" in eval_record:
-        return "own", eval_record["own"]["overall"]
+        return "own", eval_record["own"]
     if "vote" in eval_record:
-        return "vote", eval_record["vote"]["overall"]
+        return "vote", eval_record["vote"]
     selectors = eval_record.get("selectors") or {}
     if len(selectors) == 1:
-        return next(iter(selectors)), next(iter(selectors.values()))["overall"]
+        return next(iter(selectors.items()))
     if "overall" in eval_record:  # centralized pipeline
-        return "selector", eval_record["overall"]
+        return "selector", eval_record
     return None
+
+
+def headline(eval_record: dict) -> tuple[str, dict] | None:
+    """(what measured it, the overall figures) of headline_report."""
+    h = headline_report(eval_record)
+    return (h[0], h[1]["overall"]) if h else None
+
+
+def populations(
+    final: dict | None, unseen: dict | None, personalized: dict | None
+) -> list[tuple[str, str, dict]]:
+    """(population, measured by, agreement report) for every population a run evaluated: the seen clients by
+    the headline selector on the evaluation split, the unseen clients by the selector each joined (and by the
+    vote of several), and each population's personalised copies."""
+    rows = []
+    h = headline_report(final) if final else None
+    if h:
+        rows.append(("seen", h[0], h[1]))
+    if unseen:
+        rows.append(("unseen", "joined", unseen["own"]))
+        if "vote" in unseen:
+            rows.append(("unseen", "vote", unseen["vote"]))
+    for pop in ("seen", "unseen"):
+        part = (personalized or {}).get(pop) or {}
+        if "personalized" in part:
+            rows.append((f"{pop} personalised", f"{personalized['steps']} steps", part["personalized"]))
+    return rows
 
 
 def _natural(client: str) -> str:
@@ -59,6 +87,11 @@ def summarize(run_dir: Path) -> dict:
     groupings = [r for r in records if r["event"] == "grouping"]
     rounds = [r for r in records if r["event"] == "round"]
     last = curve[-1] if curve else None
+    newest = {
+        kind: next((r for r in reversed(records) if r["event"] == kind), None)
+        for kind in ("unseen", "personalized")
+    }
+    final_eval = next((r for r in reversed(evals) if headline(r)), None)
     return {
         "name": Path(run_dir).name,
         "curve": [(x, y) for x, y, _, _ in curve if x is not None],
@@ -72,7 +105,81 @@ def summarize(run_dir: Path) -> dict:
         "dpo": [r for r in records if r["event"] == "dpo"],
         "winrate": [r for r in records if r["event"] == "winrate"],
         "best_of_n": next((r for r in records if r["event"] == "best_of_n"), None),
+        "populations": populations(final_eval, newest["unseen"], newest["personalized"]),
     }
+
+
+def fairness(report: dict) -> dict:
+    """The report's per-client figures (computed here for runs logged before reports carried them)."""
+    return report.get("fairness") or client_fairness(report["clients"])
+
+
+POPULATION_COLOURS = {"seen": "C0", "unseen": "C1", "seen personalised": "C2", "unseen personalised": "C3"}
+
+
+def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
+    """A strip plot (one point per client, every population of every run side by side, the mean over clients
+    marked) and the Markdown table of the same figures."""
+    # the vote is a second view of the unseen clients, not another population: the table has it, the plot not
+    plotted = [[row for row in run["populations"] if row[1] != "vote"] for run in runs]
+    if not any(plotted):
+        return []
+    fig, ax = plt.subplots(figsize=(3 + 0.6 * sum(len(rows) for rows in plotted), 4.5))
+    labelled: set[str] = set()
+    for i, rows in enumerate(plotted):
+        width = 0.8 / max(1, len(rows))  # run i's slot on the x axis, shared by its populations
+        if i:
+            ax.axvline(i - 0.5, color="lightgrey", lw=0.8)
+        for j, (population, _, rep) in enumerate(rows):
+            f = fairness(rep)
+            ys = sorted(100 * c["agreement"] for c in rep["clients"].values() if c["n"] >= f["min_pairs"])
+            x = i - 0.4 + width * (j + 0.5)
+            # clients spread evenly across the slot (sorted, so equal values do not hide one another)
+            xs = [x + width * 0.3 * (2 * k / (len(ys) - 1) - 1) if len(ys) > 1 else x for k in range(len(ys))]
+            label = None if population in labelled else population
+            labelled.add(population)
+            ax.scatter(xs, ys, s=16, alpha=0.7, color=POPULATION_COLOURS[population], label=label)
+            if ys:
+                ax.hlines(100 * f["mean"], x - width * 0.4, x + width * 0.4, color="black", lw=2)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(runs)), [r["name"] for r in runs], fontsize=8)
+    ax.set(
+        ylabel="agreement with the client's labels (%)", title="per-client agreement (bar: mean over clients)"
+    )
+    ax.set_ylim(-5, 105)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "per_client.png", dpi=120)
+    plt.close(fig)
+
+    lines = [
+        "",
+        "## Per client: seen and unseen clients",
+        "",
+        "| run | clients | measured by | n | pairs | agreement | 95% CI | mean over clients | worst client | p10 | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for population, measured_by, rep in run["populations"]:
+            o, f = rep["overall"], fairness(rep)
+            small = f" (+{f['left_out']} small)" if f["left_out"] else ""
+            worst = f"{_pct(f['worst'])} ({f['worst_client']})" if f["worst_client"] else "-"
+            lines.append(
+                f"| {run['name']} | {population} | {measured_by} | {f['clients']}{small} | {o['n']} | "
+                f"{_pct(o['agreement'])} | {_pct(o['ci95'][0])} to {_pct(o['ci95'][1])} | {_pct(f['mean'])} | "
+                f"{worst} | {_pct(f['p10'])} | {_pct(f['spread'])} |"
+            )
+    lines += [
+        "",
+        "Each client counted once: 'mean over clients', the worst client, the 10th percentile (p10) and the spread "
+        "(best minus worst client) are over clients with at least the run's eval.min_client_pairs evaluated pairs "
+        "('small' ones are left out). 'seen': the clients that trained, on the evaluation split; 'unseen': clients "
+        "held out of training, each judged by the selector it joined on its labelled slice (or by the vote), on "
+        "its other pairs; 'personalised': each client's own fine-tuned copy of the selector it used.",
+        "",
+        "![per client](per_client.png)",
+    ]
+    return lines
 
 
 def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
@@ -223,6 +330,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     ]
     if clustered:
         lines.append("![clusters](clusters.png)")
+    lines += _per_client(runs, out_dir)
     lines += _phase2(runs, out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -125,3 +125,47 @@ def test_no_client_with_training_pairs_is_an_error(tmp_path):
     cfg = GenericData(root=str(tmp_path), columns=ColumnMap(client="user"), heldout_fraction=0.25)
     with pytest.raises(DataError, match="no client has training pairs"):
         prepare_data(cfg)
+
+
+def _planted(tmp_path, **data):
+    from fedbiscuit.data.synthetic import write_planted
+
+    write_planted(tmp_path, clients=8)
+    return GenericData(root=str(tmp_path), columns=ColumnMap(client="client"), heldout_fraction=0.25, **data)
+
+
+def test_unseen_clients_leave_training_and_the_seen_evaluation_entirely(tmp_path):
+    from fedbiscuit.data.partition import heldout_split
+
+    base = prepare_data(_planted(tmp_path, max_eval_pairs_per_client=6))
+    fed = prepare_data(
+        _planted(tmp_path, max_eval_pairs_per_client=6, unseen_clients=["client-2", "client-5"])
+    )
+    assert list(fed.unseen) == ["client-2", "client-5"]
+    assert set(fed.clients) == set(base.clients) - {"client-2", "client-5"}
+    assert not set(fed.all_test()) & {"client-2", "client-5"} and not fed.eval_only
+    assert fed.clients["client-0"] == base.clients["client-0"]  # seen clients are unchanged
+    assert "held out of training (unseen): client-2, client-5" in fed.report.notes
+    u = fed.unseen["client-2"]
+    own = base.clients["client-2"].train + base.clients["client-2"].heldout
+    labelled = heldout_split(own, 0.25)[1]  # its held-out slice, by the usual rule
+    assert u.train == [] and sorted(p.uid for p in u.heldout) == sorted(p.uid for p in labelled)
+    assert len(u.heldout) == 3 and len(u.test) == 6  # everything else, capped like evaluation pairs
+    assert not {p.prompt for p in u.heldout} & {p.prompt for p in u.test}
+
+
+def test_an_unseen_client_with_nothing_to_evaluate_is_named_or_an_error(tmp_path):
+    rows = [
+        *_lonely_rows(),
+        *({"prompt": f"u3 {i}", "chosen": "a", "rejected": "b", "user": "u3"} for i in range(8)),
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = dict(root=str(tmp_path), columns=ColumnMap(client="user"), heldout_fraction=0.25, eval_split=None)
+    with pytest.raises(DataError, match=r"data.unseen_clients: no unseen client has both .*\(u2\)"):
+        prepare_data(GenericData(**cfg, unseen_clients=["u2"]))  # its one pair is its labelled slice
+    fed = prepare_data(GenericData(**cfg, unseen_clients=["u2", "u3"]))
+    assert list(fed.unseen) == ["u3"] and list(fed.clients) == ["u1"]
+    assert any(n.startswith("left out 1 unseen client(s)") and n.endswith(": u2") for n in fed.report.notes)
+    assert (
+        fed.report.dropped["pairs of unseen clients with no labelled slice or nothing left to evaluate"] == 1
+    )

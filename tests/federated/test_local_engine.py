@@ -328,7 +328,7 @@ def test_report_plots_and_tables_several_runs(tmp_path):
     path = write_report(runs, tmp_path / "cmp")
     text = path.read_text()
     assert "| fb | 4 |" in text and "| fa | 4 |" in text and "own" in text and "selector-0" in text
-    for png in ("agreement.png", "clusters.png"):
+    for png in ("agreement.png", "clusters.png", "per_client.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 5_000
     records = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     grouping = [r for r in records if r["event"] == "grouping"]

@@ -76,3 +76,41 @@ def test_pair_correct_agrees_with_the_report():
     correct = pair_correct(pairs, p_ab, p_ba)
     assert correct.tolist() == [1.0, 0.0, 0.0, 0.5]  # the tie label (0.5) is not a decided pair
     assert float(correct.mean()) == pytest.approx(agreement_report(pairs, p_ab, p_ba)["overall"]["agreement"])
+
+
+def _client(agreement: float, n: int) -> dict:
+    return {"agreement": agreement, "n": n}
+
+
+def test_fairness_over_clients_each_counted_once():
+    from fedbiscuit.selector.metrics import client_fairness
+
+    clients = {
+        "a": _client(0.9, 10),
+        "b": _client(0.5, 100),  # many pairs, still one client
+        "c": _client(0.7, 5),
+        "d": _client(0.8, 20),
+        "e": _client(0.6, 8),
+        "tiny": _client(0.0, 2),  # below min_pairs: left out, not the worst client
+    }
+    f = client_fairness(clients, min_pairs=5)
+    assert (f["clients"], f["left_out"], f["min_pairs"]) == (5, 1, 5)
+    assert f["mean"] == pytest.approx(0.7)  # (0.9 + 0.5 + 0.7 + 0.8 + 0.6) / 5
+    assert (f["worst"], f["worst_client"], f["best"]) == (0.5, "b", 0.9)
+    assert f["p10"] == pytest.approx(0.54)  # 0.5 + 0.4 * (0.6 - 0.5): 10% of the way along 4 gaps
+    assert f["spread"] == pytest.approx(0.4)
+    assert f["std"] == pytest.approx(0.02**0.5)  # population std of 0.5..0.9
+    everyone = client_fairness(clients, min_pairs=1)
+    assert everyone["worst_client"] == "tiny" and everyone["clients"] == 6 and everyone["left_out"] == 0
+    nobody = client_fairness(clients, min_pairs=1000)
+    assert nobody["clients"] == 0 and nobody["worst_client"] is None and nobody["mean"] != nobody["mean"]
+
+
+def test_every_agreement_report_carries_its_fairness():
+    pairs = _pairs([1.0] * 5 + [0.0] * 5 + [1.0] * 2, ["x"] * 5 + ["y"] * 5 + ["z"] * 2)
+    p = torch.tensor([0.9] * 5 + [0.9, 0.9, 0.1, 0.1, 0.1] + [0.9, 0.9])
+    rep = agreement_report(pairs, p, 1 - p, min_client_pairs=5)
+    f = rep["fairness"]
+    assert rep["clients"]["x"]["agreement"] == 1.0 and rep["clients"]["y"]["agreement"] == pytest.approx(0.6)
+    assert (f["clients"], f["left_out"], f["worst_client"]) == (2, 1, "y")  # z has 2 pairs
+    assert f["mean"] == pytest.approx(0.8) and f["spread"] == pytest.approx(0.4)

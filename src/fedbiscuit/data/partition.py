@@ -1,4 +1,5 @@
-"""Turning loaded pairs into clients: natural ids, IID or Dirichlet (flwr-datasets), held-out slices."""
+"""Turning loaded pairs into clients: natural ids, IID or Dirichlet (flwr-datasets), held-out slices, and the
+clients held out of training altogether (unseen)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import warnings
 from collections import defaultdict
 
 from ..config import PartitionConfig
-from .pairs import Comparison, LoadReport, prompt_hash, unit_hash
+from .pairs import Comparison, DataError, LoadReport, prompt_hash, unit_hash
 
 MERGED = "merged-small"
 
@@ -122,3 +123,51 @@ def cap(pairs: list[Comparison], limit: int | None) -> list[Comparison]:
     if limit is None or len(pairs) <= limit:
         return pairs
     return sorted(pairs, key=lambda p: (unit_hash(p.prompt, "cap:"), p.uid))[:limit]
+
+
+def choose_unseen(names: list[str], spec: list[str] | float, seed: int) -> list[str]:
+    """The clients held out of training (``data.unseen_clients``), in the order of ``names``.
+
+    A list names them. A share picks round(share * n) clients, at least one, with the lowest hash of
+    (seed, name): the choice depends on the names and the seed only, not on their order or on the data.
+    At least one client must be left to train.
+    """
+    if isinstance(spec, list):
+        unknown = [c for c in spec if c not in names]
+        if unknown:
+            shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+            raise DataError(
+                "data.unseen_clients",
+                f"unknown client(s) {', '.join(map(repr, unknown))}; the clients after partitioning are: {shown}",
+            )
+        chosen = set(spec)
+    else:
+        k = max(1, int(spec * len(names) + 0.5))  # half rounds up, not to even
+        chosen = set(sorted(names, key=lambda c: (unit_hash(c, f"unseen:{seed}:"), c))[:k])
+    if len(chosen) >= len(names):
+        raise DataError(
+            "data.unseen_clients",
+            f"{spec!r} holds out all {len(names)} clients; at least one must be left to train",
+        )
+    return [c for c in names if c in chosen]
+
+
+def unseen_split(
+    own: list[Comparison], evaluation: list[Comparison], fraction: float, eval_cap: int | None
+) -> tuple[list[Comparison], list[Comparison]]:
+    """(labelled slice, remaining pairs) of an unseen client.
+
+    The labelled slice is its held-out slice by the usual prompt-hash rule: the only labels it offers to
+    choose (or fine-tune) a selector. The remaining pairs are everything else it has, from both splits, with
+    no prompt of the slice (the slice's answers must not be graded again) and no exact duplicate, capped like
+    evaluation pairs (``max_eval_pairs_per_client``).
+    """
+    rest, labelled = heldout_split(own, fraction)
+    taken = {p.prompt for p in labelled}
+    remaining, seen = [], set()
+    for p in rest + evaluation:
+        key = (p.prompt, p.response_a, p.response_b, p.label)
+        if p.prompt not in taken and key not in seen:
+            seen.add(key)
+            remaining.append(p)
+    return labelled, cap(remaining, eval_cap)

@@ -74,8 +74,12 @@ class SelectorClient:
         steps: int,
         seed: int,
         reset_optimizer: bool = True,
+        pairs: list[EncodedPair] | None = None,
     ) -> TrainReply:
-        if not self.train_pairs:
+        """``steps`` local steps from ``state`` on the client's training pairs (or on ``pairs``: an unseen
+        client personalises on its labelled slice, federated/population.py)."""
+        pairs = self.train_pairs if pairs is None else pairs
+        if not pairs:
             raise ValueError(f"client {self.name!r} has no training pairs")
         load_adapter_state(model, WORK_ADAPTER, state, where=f"state sent to client {self.name}")
         model.set_adapter(WORK_ADAPTER)
@@ -86,7 +90,7 @@ class SelectorClient:
         result = train_selector(
             model,
             self.encoder,
-            self.train_pairs,
+            pairs,
             cfg,
             self.choice_ids,
             seed=seed,
@@ -97,7 +101,7 @@ class SelectorClient:
             self.optimizer_state = optimizer.state_dict()
         return TrainReply(
             state=adapter_state(model, WORK_ADAPTER),
-            num_samples=len(self.train_pairs),
+            num_samples=len(pairs),
             metrics={
                 "loss": result.loss,
                 "accuracy": result.accuracy,

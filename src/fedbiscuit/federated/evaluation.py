@@ -6,7 +6,7 @@ import torch
 
 from ..models.adapters import AdapterState, load_adapter_state
 from ..selector.encoding import EncodedPair
-from ..selector.metrics import agreement_report
+from ..selector.metrics import MIN_CLIENT_PAIRS, agreement_report
 from ..selector.training import score_pairs
 from .client import WORK_ADAPTER
 
@@ -25,6 +25,30 @@ def majority_vote(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(for_a == for_b, probs.mean(0), share)
 
 
+Scored = tuple[list[EncodedPair], torch.Tensor, torch.Tensor]  # pairs, P(A) shown (A, B), P(B) shown (B, A)
+
+
+@torch.no_grad()
+def score_state(
+    model, encoder, choice_ids, state: AdapterState, pairs: list[EncodedPair], batch_size: int
+) -> Scored:
+    """``pairs`` judged by one selector state (copied into the work adapter), both orders."""
+    load_adapter_state(model, WORK_ADAPTER, state)
+    return (pairs, *score_pairs(model, encoder, pairs, choice_ids, batch_size))
+
+
+def concat(parts: list[Scored]) -> Scored:
+    """Several clients' scores as one: each part judged by its own selector, one client at a time (so one
+    selector state at a time need exist: the local baseline's, a personalised copy)."""
+    pairs = [p for part, _, _ in parts for p in part]
+    return pairs, torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
+
+
+def own_report(parts: list[Scored], min_client_pairs: int = MIN_CLIENT_PAIRS) -> dict:
+    """One agreement report over clients each judged by its own selector."""
+    return agreement_report(*concat(parts), min_client_pairs)
+
+
 @torch.no_grad()
 def evaluate_selectors(
     model,
@@ -35,6 +59,7 @@ def evaluate_selectors(
     clusters: dict[str, str] | None,
     batch_size: int,
     local: bool = False,
+    min_client_pairs: int = MIN_CLIENT_PAIRS,
 ) -> dict:
     """Per-selector reports, plus for several selectors the client's own cluster selector and the vote.
 
@@ -42,36 +67,31 @@ def evaluate_selectors(
     """
     out: dict = {"selectors": {}}
     if local:
-        probs = {}
-        for name, pairs in tests.items():
-            if name in selectors and pairs:
-                load_adapter_state(model, WORK_ADAPTER, selectors[name])
-                p_ab, p_ba = score_pairs(model, encoder, pairs, choice_ids, batch_size)
-                probs[name] = (pairs, p_ab, p_ba)
-        if not probs:
-            return out
-        all_pairs = [p for pairs, _, _ in probs.values() for p in pairs]
-        p_ab = torch.cat([x[1] for x in probs.values()])
-        p_ba = torch.cat([x[2] for x in probs.values()])
-        out["own"] = agreement_report(all_pairs, p_ab, p_ba)
+        parts = [
+            score_state(model, encoder, choice_ids, selectors[name], pairs, batch_size)
+            for name, pairs in tests.items()
+            if name in selectors and pairs
+        ]
+        if parts:
+            out["own"] = own_report(parts, min_client_pairs)
         return out
     pairs = [p for members in tests.values() for p in members]
     scores = {}
     for name, state in selectors.items():
-        load_adapter_state(model, WORK_ADAPTER, state)
-        scores[name] = score_pairs(model, encoder, pairs, choice_ids, batch_size)
-        out["selectors"][name] = agreement_report(pairs, *scores[name])
+        _, p_ab, p_ba = score_state(model, encoder, choice_ids, state, pairs, batch_size)
+        scores[name] = (p_ab, p_ba)
+        out["selectors"][name] = agreement_report(pairs, *scores[name], min_client_pairs)
     if len(selectors) > 1:
         # each order's probabilities are voted separately so per-order figures stay comparable
         names = list(selectors)
         vote_ab = majority_vote(torch.stack([scores[n][0] for n in names]))
         vote_ba = majority_vote(torch.stack([scores[n][1] for n in names]))
-        out["vote"] = agreement_report(pairs, vote_ab, vote_ba)
+        out["vote"] = agreement_report(pairs, vote_ab, vote_ba, min_client_pairs)
         # each client's test pairs judged by its own cluster's selector (clients that have a cluster only:
         # with IID/Dirichlet partitions the test pairs are grouped by natural id and have none)
         owned = [i for i, p in enumerate(pairs) if p.client in (clusters or {})]
         if owned:
             own_ab = torch.stack([scores[clusters[pairs[i].client]][0][i] for i in owned])
             own_ba = torch.stack([scores[clusters[pairs[i].client]][1][i] for i in owned])
-            out["own"] = agreement_report([pairs[i] for i in owned], own_ab, own_ba)
+            out["own"] = agreement_report([pairs[i] for i in owned], own_ab, own_ba, min_client_pairs)
     return out

@@ -89,4 +89,5 @@ class LocalEngine(RoundLoop):
             state.clusters,
             self.cfg.eval.batch_size,
             local=self.cfg.federated.algorithm == "local",
+            min_client_pairs=self.cfg.eval.min_client_pairs,
         )

@@ -247,6 +247,16 @@ def check_flower_config(cfg: RunConfig) -> None:
             "federated.reset_optimizer=false keeps optimizer state on clients between rounds; the Flower "
             "engine does not (each message may be a fresh process): use the local engine or reset_optimizer=true"
         )
+    after_rounds = []  # what only the local engine does once the rounds are over (federated/population.py)
+    if cfg.data.unseen_clients is not None:
+        after_rounds.append(f"data.unseen_clients={cfg.data.unseen_clients!r}")
+    if fed.personalize_steps:
+        after_rounds.append(f"federated.personalize_steps={fed.personalize_steps}")
+    if after_rounds:
+        raise ValueError(
+            f"{' and '.join(after_rounds)}: the Flower engine does not evaluate unseen clients or personalise after "
+            "the rounds; the local engine does (fedbiscuit run)"
+        )
 
 
 def run_server(grid: Grid, cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:

@@ -1,9 +1,11 @@
-"""Agreement of a selector with human labels: overall and per client, each order and both averaged, Brier."""
+"""Agreement of a selector with human labels: overall and per client, each order and both averaged, Brier;
+and how evenly it serves the clients (fairness)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from .encoding import EncodedPair
@@ -52,8 +54,17 @@ def _brier(p: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((p - labels) ** 2).mean()) if len(labels) else float("nan")
 
 
-def agreement_report(pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.Tensor | None) -> dict:
-    """{"overall": {...}, "clients": {name: {...}}} with agreement, per-order agreement, Brier and bias."""
+MIN_CLIENT_PAIRS = 5  # eval.min_client_pairs' default (config.EvalConfig says why)
+
+
+def agreement_report(
+    pairs: list[EncodedPair],
+    p_ab: torch.Tensor,
+    p_ba: torch.Tensor | None,
+    min_client_pairs: int = MIN_CLIENT_PAIRS,
+) -> dict:
+    """{"overall": {...}, "clients": {name: {...}}, "fairness": {...}}: agreement, per-order agreement, Brier
+    and bias, overall and per client, and the spread of the per-client agreement (client_fairness)."""
     labels = torch.tensor([p.label for p in pairs], dtype=torch.float32)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
@@ -62,7 +73,44 @@ def agreement_report(pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.T
     for name, idx in sorted(groups.items()):
         t = torch.tensor(idx)
         clients[name] = _summary(labels[t], p_ab[t], None if p_ba is None else p_ba[t])
-    return {"overall": _summary(labels, p_ab, p_ba), "clients": clients}
+    return {
+        "overall": _summary(labels, p_ab, p_ba),
+        "clients": clients,
+        "fairness": client_fairness(clients, min_client_pairs),
+    }
+
+
+def client_fairness(clients: dict[str, dict], min_pairs: int = MIN_CLIENT_PAIRS) -> dict:
+    """How evenly a selector serves people: statistics of the per-client agreement, each client counted once
+    whatever its number of pairs (the overall agreement weighs clients by their pairs instead).
+
+    - ``mean``: the mean over clients; ``worst`` / ``best``: the lowest / highest client (``worst_client``
+      names it; ties go to the first name);
+    - ``p10``: the 10th percentile, linearly interpolated between clients (numpy's default);
+    - ``spread``: best minus worst, in agreement units; ``std``: the standard deviation over clients (ddof 0).
+
+    Only clients with at least ``min_pairs`` decided pairs count (``clients``); the others are ``left_out``.
+    """
+    counted = {name: c["agreement"] for name, c in clients.items() if c["n"] >= min_pairs}
+    out: dict = {"clients": len(counted), "left_out": len(clients) - len(counted), "min_pairs": min_pairs}
+    if not counted:
+        nan = float("nan")
+        return (
+            out
+            | dict.fromkeys(("mean", "worst", "p10", "best", "spread", "std"), nan)
+            | {"worst_client": None}
+        )
+    values = np.array(list(counted.values()), dtype=np.float64)
+    worst_client = min(counted, key=lambda c: (counted[c], c))
+    return out | {
+        "mean": float(values.mean()),
+        "worst": float(values.min()),
+        "worst_client": worst_client,
+        "p10": float(np.percentile(values, 10)),
+        "best": float(values.max()),
+        "spread": float(values.max() - values.min()),
+        "std": float(values.std()),
+    }
 
 
 # ------------------------------------------------------------------------------------ intervals and tests
