@@ -84,6 +84,10 @@ RESUMABLE_CHANGES = {
     "federated.flower.simulation.gpus_per_client",
     "federated.flower.simulation.num_cpus",
     "federated.flower.simulation.object_store_mb",
+    # what happens after the last round (the unseen and personalised records are redone on resume), not
+    # what the rounds compute: a finished run can be personalised, or its fairness cut changed, afterwards
+    "federated.personalize_steps",
+    "eval.min_client_pairs",
 }
 
 

@@ -165,3 +165,13 @@ def test_the_flower_engine_refuses_what_only_the_local_engine_evaluates(tmp_path
         check_flower_config(config_from_dict(_cfg(tmp_path, "f")))
     with pytest.raises(ValueError, match="federated.personalize_steps=3.*local engine"):
         check_flower_config(config_from_dict(_cfg(tmp_path, "g", unseen=None, personalize_steps=3)))
+
+
+def test_a_finished_run_can_be_personalised_afterwards_on_resume(tmp_path):
+    raw = _cfg(tmp_path, "later", rounds=2)
+    first = run_federated(config_from_dict(raw), quiet=True)
+    assert "personalized" not in first or not first["personalized"]
+    raw["federated"]["personalize_steps"] = 3  # allowed on resume: it changes nothing the rounds computed
+    again = run_federated(config_from_dict(raw), quiet=True, resume=True)
+    assert again["personalized"]["seen"]["personalized"]["overall"]["n"] > 0
+    assert again["unseen"]["assignment"] == first["unseen"]["assignment"]

@@ -294,6 +294,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False, overwrite: bool
                     tests,
                     state.clusters,
                     cfg.eval.batch_size,
+                    min_client_pairs=cfg.eval.min_client_pairs,
                 )
         else:
             model = _base_model(cfg)
