@@ -213,7 +213,7 @@ def _learned_sentence(rows, first: dict) -> str:
     start = first.get("selectors", {}).get(key) or first.get(key)
     before = f", {_pct(start['overall']['agreement'])} before training" if start else ""
     what = "each client's own selector" if key == "own" else label
-    head = f"{what} sides with the human raters on {_pct(o['agreement'])} of {o['n']} unseen test pairs "
+    head = f"{what} sides with the human raters on {_pct(o['agreement'])} of {o['n']} test pairs it never trained on "
     head += f"(95% interval {_pct(lo)} to {_pct(hi)}{before}; 50% is a coin flip): "
     if lo > 0.5:
         return "[bold]" + head + "it has learned something of what these people prefer.[/]"
