@@ -14,6 +14,12 @@ from .runs import read_records  # noqa: E402
 from .selector.metrics import client_fairness  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # figures are files here; an open one would hold its memory for the whole report
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -148,9 +154,7 @@ def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
     )
     ax.set_ylim(-5, 105)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "per_client.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "per_client.png")
 
     lines = [
         "",
@@ -199,9 +203,7 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     margin_ax.set(xlabel="DPO step", ylabel="chosen - rejected reward", title="reward margin")
     if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "dpo.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "dpo.png")
 
     fig, (win_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for run in tuned:
@@ -218,9 +220,7 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     win_ax.set(ylabel="win rate vs reference (%)", title="win rate by checkpoint (95% CI)")
     len_ax.set(ylabel="mean answer tokens", title="answer length by checkpoint")
     win_ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "winrate.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "winrate.png")
 
     lines = [
         "",
@@ -281,9 +281,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "agreement.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "agreement.png")
 
     clustered = [r for r in runs if r["groupings"]]
     if clustered:
@@ -296,9 +294,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             ax.set_yticks(range(len(clients)), clients, fontsize=7)
             ax.set_xticks(range(len(run["groupings"])), [g["round"] for g in run["groupings"]], fontsize=7)
             ax.set(xlabel="grouping round", title=f"{run['name']}: cluster of each client")
-        fig.tight_layout()
-        fig.savefig(out_dir / "clusters.png", dpi=120)
-        plt.close(fig)
+        _save(fig, out_dir / "clusters.png")
 
     lines = [
         "# Run summary",
