@@ -308,3 +308,21 @@ def test_a_centralized_run_reports_its_unseen_clients(config):
     )
     assert "seen clients, 1 with >= 5 pairs: mean over clients 100.0%, worst 100.0% (harmless-base)" in flat
     assert "helpful-base" not in flat.split("unseen clients")[0]  # neither trained nor among the seen clients
+
+
+def test_the_summary_calls_only_a_round_0_evaluation_before_training(capsys):
+    from fedbiscuit import cli
+
+    def ev(round_, agreement):
+        rep = {
+            "overall": {"agreement": agreement, "n": 100, "ci95": (agreement - 0.1, agreement + 0.1)},
+            "clients": {"a": {"agreement": agreement, "n": 100}},  # a report logged before fairness figures
+        }
+        return {"round": round_, "selectors": {"selector-0": rep}}
+
+    results = {"rounds": 60, "final": ev(60, 0.524), "clusters": None, "faults": {}, "run_dir": "r"}
+    cli._federated_summary({**results, "first": ev(20, 0.502)})  # evaluated along the way, not before
+    out = capsys.readouterr().out
+    assert "before training" not in out and "50.2%" not in out and "52.4%" in out
+    cli._federated_summary({**results, "first": ev(0, 0.490)})
+    assert "49.0% before training" in capsys.readouterr().out

@@ -106,9 +106,10 @@ def _federated_summary(results: dict) -> None:
         for key, label in (("vote", "majority vote"), ("own", "own cluster"))
         if key in final
     ]
-    same = first.get("round") == final.get("round")  # no evaluation before training: no 'start' column
+    # 'start' is the evaluation before any training (round 0), not the first of several along the way
+    before = first.get("round") == 0 and final.get("round") != 0
     for key, label, rep in rows:
-        start = None if same else first.get("selectors", {}).get(key) or first.get(key)
+        start = (first.get("selectors", {}).get(key) or first.get(key)) if before else None
         o = rep["overall"]
         table.add_row(
             label,
@@ -117,7 +118,7 @@ def _federated_summary(results: dict) -> None:
             f"{_pct(o.get('agreement_ab'))} / {_pct(o.get('agreement_ba'))}",
         )
     console.print(table)
-    console.print(_learned_sentence(rows, first if not same else {}))
+    console.print(_learned_sentence(rows, first if before else {}))
     _clusters("cluster of", results["clusters"])
     _population_summary(results)
     if results["faults"]:
@@ -139,13 +140,13 @@ def _clusters(what: str, assignment: dict[str, str] | None) -> None:
 
 def _population_summary(results: dict) -> None:
     """Seen and unseen clients side by side, personalised copies beside them, and how evenly each is served."""
-    from .report import populations
+    from .report import fairness, populations
 
     unseen, personalized = results.get("unseen"), results.get("personalized")
     rows = populations(results["final"], unseen, personalized)
     if not rows:
         return
-    min_pairs = rows[0][2]["fairness"]["min_pairs"]
+    min_pairs = fairness(rows[0][2])["min_pairs"]
     table = Table(
         title=f"per client (%): agreement on each client's own pairs; mean, worst, p10 and spread over the n "
         f"clients with >= {min_pairs} pairs",
@@ -157,7 +158,7 @@ def _population_summary(results: dict) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     labels = [p if "personalised" in p else f"{p} ({by})" for p, by, _ in rows]  # personalised: own copies
     for label, (_, _, rep) in zip(labels, rows, strict=True):
-        o, f = rep["overall"], rep["fairness"]
+        o, f = rep["overall"], fairness(rep)
         lo, hi = o["ci95"]
         table.add_row(
             label,
@@ -172,7 +173,7 @@ def _population_summary(results: dict) -> None:
         )
     console.print(table)
     worst = (
-        f"{label} {rep['fairness']['worst_client']}" for label, (_, _, rep) in zip(labels, rows, strict=True)
+        f"{label} {fairness(rep)['worst_client']}" for label, (_, _, rep) in zip(labels, rows, strict=True)
     )
     console.print("  worst client: " + "; ".join(worst))
     if unseen:
