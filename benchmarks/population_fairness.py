@@ -22,23 +22,12 @@ client's agreement (clients with >= eval.min_client_pairs pairs; every client he
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-
-def write_split_planted(folder: Path, clients: int, noise: float) -> None:
-    """Planted rows with 36 prompts per client: the first 24 are the train split, the last 12 the test split."""
-    from fedbiscuit.data.synthetic import planted_rows
-
-    rows = planted_rows(clients, pairs=36, noise=noise)  # client by client, prompt index i = position % 36
-    for split, keep in (("train", range(24)), ("test", range(24, 36))):
-        chosen = [r for k, r in enumerate(rows) if k % 36 in keep]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
 
 
 def run(algorithm: str, seed: int, args) -> dict:
@@ -53,6 +42,8 @@ def run(algorithm: str, seed: int, args) -> dict:
         seed=seed,
         lr=args.lr,
         clients=args.clients,
+        noise=args.noise,
+        test_pairs=12,  # each client's test split: 12 prompts it never trained on
         algorithm=algorithm,
         rounds=args.rounds,
         clients_per_round=4,
@@ -62,7 +53,6 @@ def run(algorithm: str, seed: int, args) -> dict:
         personalize_steps=args.steps if algorithm == "fedbis" else 0,
         fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2},
     )
-    write_split_planted(folder / "data", args.clients, args.noise)
     raw["data"]["unseen_clients"] = args.unseen
     raw["data"]["max_eval_pairs_per_client"] = 12
     raw["eval"]["batch_size"] = 32

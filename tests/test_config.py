@@ -133,8 +133,14 @@ def test_population_options_name_the_key_and_value(tmp_path, override, needle):
 def test_population_options_parse_from_the_command_line(tmp_path):
     from fedbiscuit.selector.metrics import MIN_CLIENT_PAIRS
 
-    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "federated"})
     assert load_config(path, ["data.unseen_clients=[helpful-base]"]).data.unseen_clients == ["helpful-base"]
     cfg = load_config(path, ["data.unseen_clients=0.25", "federated.personalize_steps=5"])
     assert cfg.data.unseen_clients == 0.25 and cfg.federated.personalize_steps == 5
     assert cfg.eval.min_client_pairs == MIN_CLIENT_PAIRS  # the config's default is the metrics' default
+
+
+def test_personalising_a_centralized_pipeline_is_refused_with_the_alternative(tmp_path):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "centralized"})
+    with pytest.raises(ConfigError, match=r"personalize_steps=3.*federated.algorithm=centralized"):
+        load_config(path, ["federated.personalize_steps=3"])

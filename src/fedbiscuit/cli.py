@@ -96,7 +96,7 @@ def _agreement_table(title: str, reports: dict[str, dict]) -> Table:
 
 
 def _federated_summary(results: dict) -> None:
-    final, first = results["final"], results.get("first") or {}
+    final, first = results["final"] or {"selectors": {}}, results.get("first") or {}
     table = Table(title=f"agreement with human labels after {results['rounds']} rounds (evaluation split)")
     for col in ("selector", "start", "end", "A|B / B|A"):
         table.add_column(col, justify="left" if col == "selector" else "right")
@@ -117,8 +117,11 @@ def _federated_summary(results: dict) -> None:
             _pct(o["agreement"]),
             f"{_pct(o.get('agreement_ab'))} / {_pct(o.get('agreement_ba'))}",
         )
-    console.print(table)
-    console.print(_learned_sentence(rows, first if before else {}))
+    if rows:
+        console.print(table)
+        console.print(_learned_sentence(rows, first if before else {}))
+    else:
+        console.print("the selectors were not evaluated (no evaluation split: set data.eval_split)")
     _clusters("cluster of", results["clusters"])
     _population_summary(results)
     if results["faults"]:
@@ -173,7 +176,8 @@ def _population_summary(results: dict) -> None:
         )
     console.print(table)
     worst = (
-        f"{label} {fairness(rep)['worst_client']}" for label, (_, _, rep) in zip(labels, rows, strict=True)
+        f"{label} {fairness(rep)['worst_client'] or '-'}"
+        for label, (_, _, rep) in zip(labels, rows, strict=True)
     )
     console.print("  worst client: " + "; ".join(worst))
     if unseen:
@@ -210,7 +214,9 @@ def _learned_sentence(rows, first: dict) -> str:
     # FedBiscuit: each client judged by its own cluster's selector; else the vote; else the one selector
     key, label, rep = by_key.get("own") or by_key.get("vote") or rows[0]
     o = rep["overall"]
-    lo, hi = o.get("ci95", (float("nan"), float("nan")))
+    if not o.get("n"):
+        return "no test pairs were evaluated (data.eval_split is unset or empty): nothing to say about agreement."
+    lo, hi = o.get("ci95") or (float("nan"), float("nan"))
     start = first.get("selectors", {}).get(key) or first.get(key)
     before = f", {_pct(start['overall']['agreement'])} before training" if start else ""
     what = "each client's own selector" if key == "own" else label
@@ -330,7 +336,7 @@ def _fairness_sentence(f: dict) -> str:
     small = f" ({f['left_out']} with fewer pairs left out)" if f["left_out"] else ""
     return (
         f"{f['clients']} with >= {f['min_pairs']} pairs{small}: mean over clients {_pct(f['mean'])}, worst "
-        f"{_pct(f['worst'])} ({f['worst_client']}), p10 {_pct(f['p10'])}, spread {_pct(f['spread'])}"
+        f"{_pct(f['worst'])} ({f['worst_client'] or '-'}), p10 {_pct(f['p10'])}, spread {_pct(f['spread'])}"
     )
 
 

@@ -480,6 +480,16 @@ class RunConfig(_Section):
         return raw
 
     @model_validator(mode="after")
+    def _personalising_needs_a_federated_run(self) -> RunConfig:
+        if self.pipeline == "centralized" and self.federated.personalize_steps:
+            raise ValueError(
+                f"federated.personalize_steps={self.federated.personalize_steps} personalises the selectors of a "
+                "federated run; pipeline=centralized has none to start from (for one selector trained on "
+                "everybody's pairs and then personalised, use pipeline=federated with federated.algorithm=centralized)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _grouping_needs_heldout(self) -> RunConfig:
         fedbiscuit = self.pipeline != "centralized" and self.federated.algorithm == "fedbiscuit"
         if fedbiscuit and self.data.heldout_fraction == 0:

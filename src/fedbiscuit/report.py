@@ -58,7 +58,7 @@ def populations(
     h = headline_report(final) if final else None
     if h:
         rows.append(("seen", h[0], h[1]))
-    if unseen:
+    if unseen and "own" in unseen:  # absent when no unseen client could score the selectors
         rows.append(("unseen", "joined", unseen["own"]))
         if "vote" in unseen:
             rows.append(("unseen", "vote", unseen["vote"]))
@@ -259,7 +259,7 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
 
 
 def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:

@@ -80,7 +80,10 @@ def test_unseen_clients_never_train_and_join_the_selector_of_their_planted_group
 
 
 def test_personalisation_serves_the_clients_the_global_selector_does_not(tmp_path):
-    raw = _cfg(tmp_path, "pers", rounds=10, clients_per_round=4, local_steps=3, personalize_steps=6)
+    # test prompts the clients never trained on: personalising must generalise, not memorise
+    raw = _cfg(
+        tmp_path, "pers", rounds=10, clients_per_round=4, local_steps=3, personalize_steps=6, test_pairs=6
+    )
     result = run_federated(config_from_dict(raw), quiet=True)
     final = result["final"]["selectors"]["selector-0"]
     # one FedAvg selector for two opposite groups sides with one group: about half right, worst client at 0
@@ -175,3 +178,13 @@ def test_a_finished_run_can_be_personalised_afterwards_on_resume(tmp_path):
     again = run_federated(config_from_dict(raw), quiet=True, resume=True)
     assert again["personalized"]["seen"]["personalized"]["overall"]["n"] > 0
     assert again["unseen"]["assignment"] == first["unseen"]["assignment"]
+
+
+def test_with_one_selector_nobody_scores_to_choose_it(tmp_path, monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("a client scored a single selector")
+
+    monkeypatch.setattr(SelectorClient, "score", refuse)
+    result = run_federated(config_from_dict(_cfg(tmp_path, "one", rounds=2, personalize_steps=1)), quiet=True)
+    assert result["unseen"]["assignment"] == dict.fromkeys(UNSEEN, "selector-0")
+    assert result["unseen"]["unscored"] == {} and result["personalized"]["seen"]["skipped"] == {}

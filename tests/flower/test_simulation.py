@@ -217,3 +217,15 @@ def test_the_command_reports_a_failed_simulation_verbatim(tmp_path, monkeypatch)
     monkeypatch.setattr(simulation, "run_simulation", fail)
     result = CliRunner().invoke(app, ["flower-sim", str(path)])
     assert result.exit_code == 2 and "finished:failed: [ServerApp] boom" in result.output
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this platform")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_terminating_signals_unwind_so_the_started_processes_are_stopped(name):
+    import signal
+
+    sig = getattr(signal, name)
+    before = signal.getsignal(sig)
+    with pytest.raises(SystemExit) as stop, simulation._terminate_unwinds():
+        os.kill(os.getpid(), sig)
+    assert stop.value.code == 128 + sig and signal.getsignal(sig) == before  # handler restored afterwards

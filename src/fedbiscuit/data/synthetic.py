@@ -24,12 +24,21 @@ def planted_rows(clients: int = 8, pairs: int = 24, noise: float = 0.0) -> list[
     return rows
 
 
-def write_planted(folder: Path, clients: int = 8, pairs: int = 24, noise: float = 0.0) -> Path:
-    """train.jsonl and test.jsonl (the same pairs) in ``folder``, readable with data.source=generic."""
+def write_planted(
+    folder: Path, clients: int = 8, pairs: int = 24, noise: float = 0.0, test_pairs: int = 0
+) -> Path:
+    """train.jsonl and test.jsonl in ``folder``, readable with data.source=generic.
+
+    ``test_pairs`` = 0: the test split is the training pairs themselves (enough to see a planted preference
+    learned at all). > 0: each client's test split is that many pairs on prompts it never trained on, so a
+    figure on it tells generalising from memorising."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in planted_rows(clients, pairs, noise))
-    for split in ("train", "test"):
-        (folder / f"{split}.jsonl").write_text(text)
+    rows = planted_rows(clients, pairs + test_pairs, noise)  # client by client, prompts numbered within each
+    per = pairs + test_pairs
+    train = [r for k, r in enumerate(rows) if k % per < pairs]
+    test = [r for k, r in enumerate(rows) if k % per >= pairs] if test_pairs else train
+    for split, chosen in (("train", train), ("test", test)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
     return folder
 
 
@@ -41,11 +50,12 @@ def planted_run_config(
     lr: float = 1e-2,
     noise: float = 0.0,
     clients: int = 8,
+    test_pairs: int = 0,
     **federated,
 ) -> dict:
     """A raw federated run config on planted data with the tiny model: writes ``folder/data`` and runs into
     ``folder/runs``. ``federated`` keys override the defaults (a 3-round FedBis of 3 clients x 2 steps)."""
-    write_planted(folder / "data", clients=clients, noise=noise)
+    write_planted(folder / "data", clients=clients, noise=noise, test_pairs=test_pairs)
     return {
         "name": name,
         "output_dir": str(folder / "runs"),

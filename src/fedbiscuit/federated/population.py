@@ -37,6 +37,8 @@ def join_selectors(
     tie; with one selector there is nothing to choose and every client joins it.
     """
     names = list(selectors)
+    if len(names) == 1:  # nothing to choose: no client spends forward passes on it
+        return {c.name: names[0] for c in clients}, {}, {}
     assignment, losses, unscored = {}, {}, {}
     for client in clients:
         try:
@@ -49,8 +51,6 @@ def join_selectors(
             continue
         losses[client.name] = row.losses
         assignment[client.name] = min(names, key=lambda s: (row.losses[s], names.index(s)))
-    if len(names) == 1:
-        assignment = {c.name: names[0] for c in clients}
     return assignment, losses, unscored
 
 

@@ -252,11 +252,16 @@ def _terminate_unwinds():
     def unwind(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, unwind)
+    # SIGHUP too: a closed terminal must not orphan the SuperLink and Ray (they run in their own sessions)
+    signals = [
+        s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None
+    ]  # no SIGHUP on Windows
+    previous = {sig: signal.signal(sig, unwind) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _end_leftovers(marker: str) -> None:
