@@ -57,9 +57,10 @@ class Workspace:
         return self._tests
 
 
-def open_workspace(cfg: RunConfig, quiet: bool = False) -> Workspace:
+def open_workspace(cfg: RunConfig, quiet: bool = False, data: FederatedData | None = None) -> Workspace:
+    """``data``: the config's prepared data when the caller already has it (prepare_data is deterministic)."""
     seed_everything(cfg.seed)
-    data = prepare_data(cfg.data, seed=cfg.seed)
+    data = data if data is not None else prepare_data(cfg.data, seed=cfg.seed)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     model = add_adapter(model, SELECTOR, cfg.model.lora, seed=cfg.seed)
     encoder, choice_ids = build_encoder(

@@ -101,8 +101,8 @@ def _client(raw_cfg: dict, context: Context):
     if key not in _WORKSPACES:
         cfg = config_from_dict(raw_cfg, "the server's run config")
         configure_determinism(cfg.deterministic)  # a node opens no run folder: fix its kernels here
-        _WORKSPACES[key] = open_workspace(cfg, quiet=True)
-        _DATA.pop(key, None)  # the workspace holds its own copy
+        # the data an identify query already read is reused, not read again
+        _WORKSPACES[key] = open_workspace(cfg, quiet=True, data=_DATA.pop(key, None))
     ws = _WORKSPACES[key]
     data, index = _select(ws.data.clients, context)
     if (key, data.name) not in _CLIENTS:
