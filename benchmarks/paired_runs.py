@@ -1,0 +1,184 @@
+"""Two finished runs judged on the same test pairs: the paired difference in agreement, per subset and overall.
+
+Agreement intervals of two runs overlap long before their difference is undecidable: both are judged on the same
+pairs, so the right test is paired (McNemar on the pairs exactly one of them gets right, a paired bootstrap for
+the interval of the difference). Each run's last checkpoint is scored again: a run with one selector by that
+selector, a run with several (FedBiscuit) by each client's own cluster selector, as its evaluation did; the
+recomputed agreement is printed beside the one the run logged, which checks that the same pairs are judged the
+same way.
+
+    python benchmarks/paired_runs.py --compare runs/hh_fedbis_3ep_s0 runs/hh_fedbiscuit_3ep_s0 \\
+                                     --compare runs/hh_fedbis_3ep_s1 runs/hh_fedbiscuit_3ep_s1
+
+Several comparisons are also pooled: per pair the mean difference over the comparisons, with a paired bootstrap
+over the pairs. That interval is conditional on the seeds run (it does not sample seeds), and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SAME = ("seed", "data", "model", "selector", "eval")  # what must agree for two runs to share test pairs
+
+
+def last_state(run: Path):
+    from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
+
+    ckpts = list_checkpoints(run / "checkpoints")
+    if not ckpts:
+        sys.exit(f"{run}: no round checkpoint in {run / 'checkpoints'}")
+    return ckpts[-1], load_checkpoint(ckpts[-1])
+
+
+def logged_agreement(run: Path, round_: int) -> float | None:
+    """The own-cluster (several selectors) or single-selector agreement the run logged at ``round_``."""
+    found = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "eval" and rec.get("round") == round_:
+            report = rec.get("own") or next(iter(rec["selectors"].values()))
+            found = report["overall"]["agreement"]
+    return found
+
+
+def run_correct(ws, run: Path):
+    """Per test pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
+    import torch
+
+    from fedbiscuit.models.adapters import load_adapter_state
+    from fedbiscuit.pipeline import SELECTOR
+    from fedbiscuit.selector.metrics import pair_correct
+    from fedbiscuit.selector.training import score_pairs
+
+    ckpt, state = last_state(run)
+    pairs = ws.test_pairs()
+    names = list(state.selectors)
+    if len(names) == 1:
+        chosen = [names[0]] * len(pairs)
+    else:
+        missing = sorted({p.client for p in pairs} - set(state.clusters))
+        if missing:
+            sys.exit(
+                f"{ckpt}: test clients without a cluster: {missing[:5]} (own-cluster agreement undefined)"
+            )
+        chosen = [state.clusters[p.client] for p in pairs]
+    # every selector judges every pair, as the run's own evaluation did (same batches, same numbers)
+    p_ab = torch.empty(len(pairs))
+    p_ba = torch.empty(len(pairs))
+    for name in sorted(set(chosen)):
+        load_adapter_state(ws.model, SELECTOR, state.selectors[name], where=str(ckpt))
+        ab, ba = score_pairs(
+            ws.model, ws.encoder, pairs, ws.choice_ids, ws.cfg.eval.batch_size, both_orders=True
+        )
+        mine = torch.tensor([c == name for c in chosen])
+        p_ab[mine], p_ba[mine] = ab[mine], ba[mine]
+    decided = [p for p in pairs if p.label != 0.5]
+    correct = pair_correct(pairs, p_ab, p_ba)
+    subsets = [p.client.split("#")[0] for p in decided]
+    return ckpt, state.round, correct, subsets
+
+
+def compare(a, b, subsets: list[str], seed: int = 0) -> dict:
+    from fedbiscuit.selector.metrics import paired_comparison
+
+    out = {"overall": paired_comparison(a, b, seed=seed)}
+    for s in sorted(set(subsets)):
+        idx = [i for i, x in enumerate(subsets) if x == s]
+        out[s] = paired_comparison(a[idx], b[idx], seed=seed)
+    return out
+
+
+def fmt(c: dict) -> str:
+    lo, hi = c["ci95"]
+    test = f", McNemar p={c['mcnemar_p']:.2g}" if "mcnemar_p" in c else ""
+    return (
+        f"{100 * c['before']:.1f}% -> {100 * c['after']:.1f}%: {100 * c['difference']:+.1f} "
+        f"[{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", nargs=2, action="append", metavar=("BASELINE", "OTHER"), required=True)
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args()
+
+    import torch
+
+    from fedbiscuit.config import load_config
+    from fedbiscuit.pipeline import open_workspace
+
+    results, diffs, subsets_all = [], [], None
+    for base, other in args.compare:
+        runs = [Path(base), Path(other)]
+        cfgs = [load_config(r / "config.yaml", []) for r in runs]
+        for key in SAME:
+            x, y = (getattr(c, key) for c in cfgs)
+            if (x.model_dump() if hasattr(x, "model_dump") else x) != (
+                y.model_dump() if hasattr(y, "model_dump") else y
+            ):
+                sys.exit(f"{runs[0]} and {runs[1]} differ in '{key}': they are not judged on the same pairs")
+        ws = open_workspace(cfgs[0], quiet=False)
+        scored = []
+        for run in runs:
+            ckpt, round_, correct, subsets = run_correct(ws, run)
+            logged = logged_agreement(run, round_)
+            print(
+                f"{run}: {ckpt.name}, agreement {100 * float(correct.mean()):.2f}%"
+                f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
+            )
+            scored.append(
+                {
+                    "run": str(run),
+                    "checkpoint": str(ckpt),
+                    "agreement": float(correct.mean()),
+                    "logged": logged,
+                    "correct": correct,
+                    "subsets": subsets,
+                }
+            )
+        if scored[0]["subsets"] != scored[1]["subsets"]:
+            sys.exit(f"{base} and {other}: the test pairs differ")
+        if subsets_all is not None and subsets_all != scored[0]["subsets"]:
+            sys.exit("pooling needs the same test pairs in every comparison")
+        subsets_all = scored[0]["subsets"]
+        c = compare(scored[0]["correct"], scored[1]["correct"], subsets_all)
+        print(f"{other} against {base}:")
+        for k, v in c.items():
+            print(f"  {k:28s} {fmt(v)}")
+        diffs.append((scored[0]["correct"], scored[1]["correct"]))
+        results.append(
+            {
+                "baseline": base,
+                "other": other,
+                "comparison": c,
+                "runs": [{k: v for k, v in s.items() if k not in ("correct", "subsets")} for s in scored],
+            }
+        )
+        del ws
+    out = {"comparisons": results}
+    if len(diffs) > 1:
+        a = torch.stack([d[0] for d in diffs]).mean(0)
+        b = torch.stack([d[1] for d in diffs]).mean(0)
+        # McNemar needs one outcome per pair, so the pooled figures keep the difference and its interval only
+        pooled = {
+            k: {x: y for x, y in v.items() if x not in ("gained", "lost", "mcnemar_p")}
+            for k, v in compare(a, b, subsets_all).items()
+        }
+        print(f"pooled over {len(diffs)} comparisons (per pair the mean; conditional on these seeds):")
+        for k, v in pooled.items():
+            print(f"  {k:28s} {fmt(v)}")
+        out["pooled"] = pooled
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

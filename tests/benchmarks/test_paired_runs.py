@@ -1,0 +1,80 @@
+"""benchmarks/paired_runs.py on two tiny finished runs with planted preferences (even clients prefer "yes", odd
+ones "no"): one FedBis selector cannot serve both groups, FedBiscuit's two clusters can."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedbiscuit.config import config_from_dict
+from fedbiscuit.data.synthetic import planted_run_config
+from fedbiscuit.pipeline import run_federated
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paired_runs.py"
+
+
+def _run(folder: Path, algorithm: str, seed: int) -> Path:
+    raw = planted_run_config(
+        folder,
+        f"{algorithm}_s{seed}",
+        seed=seed,
+        noise=0.1,
+        test_pairs=12,
+        algorithm=algorithm,
+        rounds=8,
+        clients_per_round=4,
+        local_steps=3,
+        eval_every=8,
+        checkpoint_every=8,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2},
+    )
+    raw["data"]["max_eval_pairs_per_client"] = 12
+    return Path(run_federated(config_from_dict(raw), quiet=True)["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paired")
+    return {(a, s): _run(folder, a, s) for a in ("fedbis", "fedbiscuit") for s in (0, 1)}
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
+    out = tmp_path / "paired.json"
+    args = []
+    for s in (0, 1):
+        args += ["--compare", str(runs["fedbis", s]), str(runs["fedbiscuit", s])]
+    done = _script(*args, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["comparisons"]) == 2
+    for comp in result["comparisons"]:
+        base, other = comp["runs"]
+        for run in (base, other):  # scored again, the last checkpoint gives what the run logged
+            assert run["agreement"] == pytest.approx(run["logged"], abs=1e-6)
+        overall = comp["comparison"]["overall"]
+        assert overall["n"] == 8 * 12
+        assert overall["before"] == pytest.approx(base["agreement"], abs=1e-6)
+        assert overall["after"] == pytest.approx(other["agreement"], abs=1e-6)
+        assert overall["difference"] == pytest.approx(overall["after"] - overall["before"], abs=1e-6)
+        lo, hi = overall["ci95"]
+        assert lo <= overall["difference"] <= hi
+        # the planted split: FedBiscuit's own clusters serve both groups, one FedBis selector only one
+        assert overall["difference"] > 0.2 and lo > 0 and overall["mcnemar_p"] < 0.05
+        per_client = [v for k, v in comp["comparison"].items() if k != "overall"]
+        assert sum(v["n"] for v in per_client) == overall["n"]
+    pooled = result["pooled"]["overall"]
+    mean_diff = sum(c["comparison"]["overall"]["difference"] for c in result["comparisons"]) / 2
+    assert pooled["difference"] == pytest.approx(mean_diff, abs=1e-6)
+    assert "mcnemar_p" not in pooled  # one outcome per pair is what McNemar needs; a pooled pair has two
+
+
+def test_runs_on_different_pairs_are_refused(runs):
+    done = _script("--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 1]))
+    assert done.returncode != 0
+    assert "differ in 'seed'" in done.stderr
