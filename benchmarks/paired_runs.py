@@ -85,20 +85,32 @@ def run_correct(ws, run: Path):
 
 
 def compare(a, b, subsets: list[str], seed: int = 0) -> dict:
-    from fedbiscuit.selector.metrics import paired_comparison
+    """The paired comparison overall and per subset, with each run's own 95% Wilson interval beside it."""
+    from fedbiscuit.selector.metrics import paired_comparison, wilson_interval
 
-    out = {"overall": paired_comparison(a, b, seed=seed)}
+    def both(x, y) -> dict:
+        c = paired_comparison(x, y, seed=seed)
+        c["before_ci95"] = list(wilson_interval(float(x.sum()), x.numel()))
+        c["after_ci95"] = list(wilson_interval(float(y.sum()), y.numel()))
+        return c
+
+    out = {"overall": both(a, b)}
     for s in sorted(set(subsets)):
         idx = [i for i, x in enumerate(subsets) if x == s]
-        out[s] = paired_comparison(a[idx], b[idx], seed=seed)
+        out[s] = both(a[idx], b[idx])
     return out
+
+
+def _ci(ci: list[float]) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def fmt(c: dict) -> str:
     lo, hi = c["ci95"]
     test = f", McNemar p={c['mcnemar_p']:.2g}" if "mcnemar_p" in c else ""
     return (
-        f"{100 * c['before']:.1f}% -> {100 * c['after']:.1f}%: {100 * c['difference']:+.1f} "
+        f"{100 * c['before']:.1f}% {_ci(c['before_ci95'])} -> {100 * c['after']:.1f}% {_ci(c['after_ci95'])}: "
+        f"{100 * c['difference']:+.1f} "
         f"[{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
     )
 

@@ -68,6 +68,10 @@ def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
         assert overall["difference"] > 0.2 and lo > 0 and overall["mcnemar_p"] < 0.05
         per_client = [v for k, v in comp["comparison"].items() if k != "overall"]
         assert sum(v["n"] for v in per_client) == overall["n"]
+        for v in [overall, *per_client]:  # each run's own interval holds its agreement
+            for side in ("before", "after"):
+                lo, hi = v[f"{side}_ci95"]
+                assert 0 <= lo <= v[side] <= hi <= 1
     pooled = result["pooled"]["overall"]
     mean_diff = sum(c["comparison"]["overall"]["difference"] for c in result["comparisons"]) / 2
     assert pooled["difference"] == pytest.approx(mean_diff, abs=1e-6)
