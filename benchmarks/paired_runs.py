@@ -9,8 +9,12 @@ same way.
 
     python benchmarks/paired_runs.py --compare runs/hh_fedbis_3ep_s0 runs/hh_fedbiscuit_3ep_s0 \\
                                      --compare runs/hh_fedbis_3ep_s1 runs/hh_fedbiscuit_3ep_s1
+    python benchmarks/paired_runs.py --compare untrained runs/hh_centralized_v2
 
-Several comparisons are also pooled: per pair the mean difference over the comparisons, with a paired bootstrap
+A run is a federated run folder (its last round checkpoint) or a centralized one (its selector.safetensors);
+"untrained" is the fresh adapter of the other run's config (LoRA starts as a no-op: the base model).
+
+Several comparisons on the same test pairs are also pooled: per pair the mean difference over the comparisons, with a paired bootstrap
 over the pairs. That interval is conditional on the seeds run (it does not sample seeds), and says so.
 """
 
@@ -27,27 +31,40 @@ sys.path.insert(0, str(ROOT / "src"))
 SAME = ("seed", "data", "model", "selector", "eval")  # what must agree for two runs to share test pairs
 
 
-def last_state(run: Path):
+UNTRAINED = "untrained"
+
+
+def final_selectors(run: str, untrained: dict):
+    """(where from, {name: adapter state}, clusters, logged agreement) of a run's final selector(s).
+
+    ``run``: a federated run folder (its last round checkpoint), a centralized one (checkpoints/selector.
+    safetensors), or "untrained": the fresh adapter the workspace starts with (LoRA B = 0, the base model)."""
     from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
+    from fedbiscuit.models.adapters import read_adapter
+    from fedbiscuit.pipeline import SELECTOR
 
-    ckpts = list_checkpoints(run / "checkpoints")
+    if run == UNTRAINED:
+        return UNTRAINED, {UNTRAINED: untrained}, {}, None
+    folder = Path(run)
+    records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("event") == "eval"]
+    single = folder / "checkpoints" / f"{SELECTOR}.safetensors"
+    if single.is_file():  # a centralized run: its "after" evaluation
+        logged = [r["overall"]["agreement"] for r in evals if r.get("stage") == "after"]
+        return single, {"selector": read_adapter(single)[0]}, {}, logged[-1] if logged else None
+    ckpts = list_checkpoints(folder / "checkpoints")
     if not ckpts:
-        sys.exit(f"{run}: no round checkpoint in {run / 'checkpoints'}")
-    return ckpts[-1], load_checkpoint(ckpts[-1])
+        sys.exit(f"{run}: neither checkpoints/{SELECTOR}.safetensors nor a round checkpoint")
+    state = load_checkpoint(ckpts[-1])
+    logged = [
+        (r.get("own") or next(iter(r["selectors"].values())))["overall"]["agreement"]
+        for r in evals
+        if r.get("round") == state.round
+    ]
+    return ckpts[-1], state.selectors, state.clusters, logged[-1] if logged else None
 
 
-def logged_agreement(run: Path, round_: int) -> float | None:
-    """The own-cluster (several selectors) or single-selector agreement the run logged at ``round_``."""
-    found = None
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "eval" and rec.get("round") == round_:
-            report = rec.get("own") or next(iter(rec["selectors"].values()))
-            found = report["overall"]["agreement"]
-    return found
-
-
-def run_correct(ws, run: Path):
+def run_correct(ws, run: str, untrained: dict):
     """Per test pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
     import torch
 
@@ -56,23 +73,23 @@ def run_correct(ws, run: Path):
     from fedbiscuit.selector.metrics import pair_correct
     from fedbiscuit.selector.training import score_pairs
 
-    ckpt, state = last_state(run)
+    ckpt, selectors, clusters, logged = final_selectors(run, untrained)
     pairs = ws.test_pairs()
-    names = list(state.selectors)
+    names = list(selectors)
     if len(names) == 1:
         chosen = [names[0]] * len(pairs)
     else:
-        missing = sorted({p.client for p in pairs} - set(state.clusters))
+        missing = sorted({p.client for p in pairs} - set(clusters))
         if missing:
             sys.exit(
                 f"{ckpt}: test clients without a cluster: {missing[:5]} (own-cluster agreement undefined)"
             )
-        chosen = [state.clusters[p.client] for p in pairs]
+        chosen = [clusters[p.client] for p in pairs]
     # every selector judges every pair, as the run's own evaluation did (same batches, same numbers)
     p_ab = torch.empty(len(pairs))
     p_ba = torch.empty(len(pairs))
     for name in sorted(set(chosen)):
-        load_adapter_state(ws.model, SELECTOR, state.selectors[name], where=str(ckpt))
+        load_adapter_state(ws.model, SELECTOR, selectors[name], where=str(ckpt))
         ab, ba = score_pairs(
             ws.model, ws.encoder, pairs, ws.choice_ids, ws.cfg.eval.batch_size, both_orders=True
         )
@@ -81,7 +98,7 @@ def run_correct(ws, run: Path):
     decided = [p for p in pairs if p.label != 0.5]
     correct = pair_correct(pairs, p_ab, p_ba)
     subsets = [p.client.split("#")[0] for p in decided]
-    return ckpt, state.round, correct, subsets
+    return ckpt, logged, correct, subsets
 
 
 def compare(a, b, subsets: list[str], seed: int = 0) -> dict:
@@ -124,25 +141,29 @@ def main() -> None:
     import torch
 
     from fedbiscuit.config import load_config
-    from fedbiscuit.pipeline import open_workspace
+    from fedbiscuit.models.adapters import adapter_state
+    from fedbiscuit.pipeline import SELECTOR, open_workspace
 
-    results, diffs, subsets_all = [], [], None
+    results, diffs, subsets_all, poolable = [], [], None, True
     for base, other in args.compare:
-        runs = [Path(base), Path(other)]
-        cfgs = [load_config(r / "config.yaml", []) for r in runs]
+        runs = [base, other]
+        folders = [Path(r) for r in runs if r != UNTRAINED]
+        if not folders:
+            sys.exit("compare needs at least one run folder")
+        cfgs = [load_config(f / "config.yaml", []) for f in folders]
         for key in SAME:
-            x, y = (getattr(c, key) for c in cfgs)
+            x, y = (getattr(c, key) for c in (cfgs[0], cfgs[-1]))
             if (x.model_dump() if hasattr(x, "model_dump") else x) != (
                 y.model_dump() if hasattr(y, "model_dump") else y
             ):
                 sys.exit(f"{runs[0]} and {runs[1]} differ in '{key}': they are not judged on the same pairs")
         ws = open_workspace(cfgs[0], quiet=False)
+        untrained = adapter_state(ws.model, SELECTOR)  # the fresh adapter, before any state is loaded
         scored = []
         for run in runs:
-            ckpt, round_, correct, subsets = run_correct(ws, run)
-            logged = logged_agreement(run, round_)
+            ckpt, logged, correct, subsets = run_correct(ws, run, untrained)
             print(
-                f"{run}: {ckpt.name}, agreement {100 * float(correct.mean()):.2f}%"
+                f"{run}: {Path(str(ckpt)).name}, agreement {100 * float(correct.mean()):.2f}%"
                 f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
             )
             scored.append(
@@ -157,8 +178,7 @@ def main() -> None:
             )
         if scored[0]["subsets"] != scored[1]["subsets"]:
             sys.exit(f"{base} and {other}: the test pairs differ")
-        if subsets_all is not None and subsets_all != scored[0]["subsets"]:
-            sys.exit("pooling needs the same test pairs in every comparison")
+        poolable = poolable and (subsets_all is None or subsets_all == scored[0]["subsets"])
         subsets_all = scored[0]["subsets"]
         c = compare(scored[0]["correct"], scored[1]["correct"], subsets_all)
         print(f"{other} against {base}:")
@@ -171,11 +191,15 @@ def main() -> None:
                 "other": other,
                 "comparison": c,
                 "runs": [{k: v for k, v in s.items() if k not in ("correct", "subsets")} for s in scored],
+                # per test pair (in evaluation order), so any other paired statistic can be computed later
+                "outcomes": {"subsets": subsets_all, **{s["run"]: s["correct"].tolist() for s in scored}},
             }
         )
         del ws
     out = {"comparisons": results}
-    if len(diffs) > 1:
+    if len(diffs) > 1 and not poolable:
+        print("not pooled: the comparisons judge different test pairs")
+    elif len(diffs) > 1:
         a = torch.stack([d[0] for d in diffs]).mean(0)
         b = torch.stack([d[1] for d in diffs]).mean(0)
         # McNemar needs one outcome per pair, so the pooled figures keep the difference and its interval only

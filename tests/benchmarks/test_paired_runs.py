@@ -10,7 +10,7 @@ import pytest
 
 from fedbiscuit.config import config_from_dict
 from fedbiscuit.data.synthetic import planted_run_config
-from fedbiscuit.pipeline import run_federated
+from fedbiscuit.pipeline import run_centralized, run_federated
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paired_runs.py"
 
@@ -82,3 +82,24 @@ def test_runs_on_different_pairs_are_refused(runs):
     done = _script("--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 1]))
     assert done.returncode != 0
     assert "differ in 'seed'" in done.stderr
+
+
+def test_untrained_against_a_centralized_run(tmp_path):
+    """ "untrained" is the run's fresh adapter: it reproduces the run's own "before" evaluation, and the trained
+    selector its "after"."""
+    raw = planted_run_config(tmp_path, "central", test_pairs=6, clients=4)
+    raw["pipeline"] = "centralized"
+    raw["federated"] = {"algorithm": "centralized"}
+    raw["train"] |= {"epochs": 3, "steps": None}
+    raw["eval"] |= {"before_training": True}
+    run = Path(run_centralized(config_from_dict(raw), quiet=True)["run_dir"])
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    before = next(r for r in records if r.get("event") == "eval" and r.get("stage") == "before")
+    out = tmp_path / "paired.json"
+    done = _script("--compare", "untrained", str(run), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (comp,) = json.loads(out.read_text())["comparisons"]
+    untrained, trained = comp["runs"]
+    assert untrained["agreement"] == pytest.approx(before["overall"]["agreement"], abs=1e-6)
+    assert trained["agreement"] == pytest.approx(trained["logged"], abs=1e-6)
+    assert comp["comparison"]["overall"]["n"] == 4 * 6

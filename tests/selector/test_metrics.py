@@ -114,3 +114,20 @@ def test_every_agreement_report_carries_its_fairness():
     assert rep["clients"]["x"]["agreement"] == 1.0 and rep["clients"]["y"]["agreement"] == pytest.approx(0.6)
     assert (f["clients"], f["left_out"], f["worst_client"]) == (2, 1, "y")  # z has 2 pairs
     assert f["mean"] == pytest.approx(0.8) and f["spread"] == pytest.approx(0.4)
+
+
+def test_paired_comparison_counts_half_credit_changes_in_the_direction_of_the_mean():
+    """Undecided pairs (0.5) moving to wrong are losses, wrong moving to undecided are gains: counting exact 1s
+    only would call this a gain (4 pairs 0.5 -> 1 against 0) while the mean difference is negative."""
+    from scipy.stats import binomtest
+
+    from fedbiscuit.selector.metrics import paired_comparison
+
+    before = torch.tensor([0.5] * 4 + [0.5] * 20 + [0.0] * 2 + [1.0] * 10)
+    after = torch.tensor([1.0] * 4 + [0.0] * 20 + [0.5] * 2 + [1.0] * 10)
+    out = paired_comparison(before, after)
+    assert (out["gained"], out["lost"]) == (6, 20)
+    assert out["difference"] == pytest.approx((4 * 0.5 - 20 * 0.5 + 2 * 0.5) / 36)
+    assert out["difference"] < 0
+    assert out["mcnemar_p"] == pytest.approx(binomtest(6, 26, 0.5).pvalue)
+    assert out["mcnemar_p"] < 0.05

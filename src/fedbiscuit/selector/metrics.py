@@ -137,7 +137,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, draws: int = 10_000) -> dict:
     """Two selectors judged on the same pairs: difference in agreement, its 95% paired-bootstrap interval, and
-    McNemar's exact test on the pairs where exactly one of them is right (half-credit ties count as wrong)."""
+    McNemar's exact test on the pairs whose outcome changed.
+
+    Outcomes are 1, 0 or 0.5 (a selector exactly undecided: in bf16 a purely position-biased selector, equally
+    sure of "A" in both orders, averages to exactly 0.5, so these are common). A pair "gained" when its outcome
+    went up (0 -> 1, 0 -> 0.5, 0.5 -> 1) and "lost" when it went down: McNemar's test is the sign test of the
+    per-pair differences, and this is that sign test with half-credit outcomes. (Counting only exact 1s, as
+    this did before, leaves out 0 <-> 0.5 changes and can point the other way from the mean difference.)"""
     from scipy.stats import binomtest
 
     if before.shape != after.shape or before.numel() == 0:
@@ -147,8 +153,7 @@ def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, 
     idx = torch.randint(0, diff.numel(), (draws, diff.numel()), generator=gen)
     boot = diff[idx].mean(1)
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
-    b, a = (before == 1.0), (after == 1.0)
-    gained, lost = int((a & ~b).sum()), int((b & ~a).sum())
+    gained, lost = int((diff > 0).sum()), int((diff < 0).sum())
     p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
     return {
         "n": int(diff.numel()),
