@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT, run_variant, write_json
+
 VARIANTS = ("today", "cached-bf16")
 TODAY = [
     "selector.path=full",
@@ -101,15 +98,8 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.variant, args)))
         return
-    rows = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, "--config", args.config]
-        cmd += ["--eval-pairs", str(args.eval_pairs), "--batch", str(args.batch), *args.overrides]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{variant}: done", file=sys.stderr)
+    argv = ["--config", args.config, "--eval-pairs", str(args.eval_pairs), "--batch", str(args.batch)]
+    rows = [run_variant(__file__, v, argv + args.overrides) for v in args.variants.split(",")]
     r0 = rows[0]
     print(f"{args.config}; threads={r0['threads']}; CPU flags: {' '.join(r0['cpu_flags'])}")
     print(
@@ -125,9 +115,7 @@ def main() -> None:
             f"{r0['grouping_round_s'] / r['grouping_round_s']:.1f} | N={r['eval_pairs']}: {r['eval_s']:.1f} | "
             f"{r0['eval_s'] / r['eval_s']:.1f} | {trunk} | {r['peak_rss_mb']:.0f} |"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,9 @@ and judged on every test pair, per subset and overall, with 95% Wilson intervals
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import config_parser, write_json
 
 
 def longer_wins(pair, lengths) -> float:
@@ -33,11 +28,7 @@ def longer_wins(pair, lengths) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--json", help="write the figures here too")
-    args = p.parse_args()
+    args = config_parser(__doc__).parse_args()
 
     from fedbiscuit.config import load_config
     from fedbiscuit.data import prepare_data
@@ -108,9 +99,7 @@ def main() -> None:
             f"{100 * o['agreement']:.1f}% [{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] (n={o['n']})"
         )
         print(f"| {rule} | " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import write_json
 
 SAME = ("seed", "data", "model", "selector", "eval")  # what must agree for two runs to share test pairs
 
@@ -211,9 +210,7 @@ def main() -> None:
         for k, v in pooled.items():
             print(f"  {k:28s} {fmt(v)}")
         out["pooled"] = pooled
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

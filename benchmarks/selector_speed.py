@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_variant, write_json
+
 VARIANTS = ("today", "full-fp32", "cached-fp32", "full-bf16", "cached-bf16")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -123,20 +122,13 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.variant, args)))
         return
-    rows = []
-    for variant in args.variants.split(","):
-        argv, skip = [], False
-        for a in sys.argv[1:]:  # everything but --json (only the parent writes it)
-            if skip or a.startswith("--json"):
-                skip = a == "--json" and not skip
-                continue
-            argv.append(a)
-        cmd = [sys.executable, __file__, "--variant", variant, *argv]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{variant}: done", file=sys.stderr)
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # everything but --json (only the parent writes it)
+        if skip or a.startswith("--json"):
+            skip = a == "--json" and not skip
+            continue
+        argv.append(a)
+    rows = [run_variant(__file__, v, argv) for v in args.variants.split(",")]
     r0 = rows[0]
     print(
         f"model={args.model} max_length={args.max_length} top_layers={args.top_layers} "
@@ -159,9 +151,7 @@ def main() -> None:
             f"{r['score_pairs_per_s']:.2f} | {r['grouping_round_s']:.0f} | {r['eval_1000_s']:.0f} | "
             f"{r['score_pairs_per_s'] / r0['score_pairs_per_s']:.1f} | {cache} | {r['peak_rss_mb']:.0f} |"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,16 @@ every pair and builds nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import config_parser, write_json
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--json", help="write the figures here too")
-    args = p.parse_args()
+    args = config_parser(__doc__).parse_args()
 
     import torch
 
@@ -73,9 +66,7 @@ def main() -> None:
         "folder": str(enc.store.folder),
     }
     print(json.dumps(out, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
