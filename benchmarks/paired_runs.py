@@ -1,8 +1,8 @@
 """Two finished runs judged on the same test pairs: the paired difference in agreement, per subset and overall.
 
 Agreement intervals of two runs overlap long before their difference is undecidable: both are judged on the same
-pairs, so the right test is paired (McNemar on the pairs exactly one of them gets right, a paired bootstrap for
-the interval of the difference). Each run's last checkpoint is scored again: a run with one selector by that
+pairs, so the right test is paired (McNemar's exact test as the sign test of the per-pair differences, half
+credit included, and a paired bootstrap for the interval of the difference). Each run's last checkpoint is scored again: a run with one selector by that
 selector, a run with several (FedBiscuit) by each client's own cluster selector, as its evaluation did; the
 recomputed agreement is printed beside the one the run logged, which checks that the same pairs are judged the
 same way.
@@ -14,8 +14,10 @@ same way.
 A run is a federated run folder (its last round checkpoint) or a centralized one (its selector.safetensors);
 "untrained" is the fresh adapter of the other run's config (LoRA starts as a no-op: the base model).
 
-Several comparisons on the same test pairs are also pooled: per pair the mean difference over the comparisons, with a paired bootstrap
-over the pairs. That interval is conditional on the seeds run (it does not sample seeds), and says so.
+Several comparisons on the same test pairs are also pooled: per pair the mean difference over the comparisons,
+with a paired bootstrap over the pairs. That interval is conditional on the seeds run (it does not sample
+seeds), and says so. The JSON keeps every run's per-pair outcomes, so other paired statistics need no
+rescoring.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from pathlib import Path
 from common import write_json
 
 SAME = ("seed", "data", "model", "selector", "eval")  # what must agree for two runs to share test pairs
-
-
 UNTRAINED = "untrained"
 
 
