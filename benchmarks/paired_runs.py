@@ -126,8 +126,7 @@ def fmt(c: dict) -> str:
     test = f", McNemar p={c['mcnemar_p']:.2g}" if "mcnemar_p" in c else ""
     return (
         f"{100 * c['before']:.1f}% {_ci(c['before_ci95'])} -> {100 * c['after']:.1f}% {_ci(c['after_ci95'])}: "
-        f"{100 * c['difference']:+.1f} "
-        f"[{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
+        f"{100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
     )
 
 
@@ -144,23 +143,31 @@ def main() -> None:
     from fedbiscuit.pipeline import SELECTOR, open_workspace
 
     results, diffs, subsets_all, poolable = [], [], None, True
+    # one workspace per set of test pairs, and each run scored once, however many comparisons name it
+    workspaces: dict[str, tuple] = {}
+    outcomes: dict[tuple[str, str], tuple] = {}
     for base, other in args.compare:
         runs = [base, other]
         folders = [Path(r) for r in runs if r != UNTRAINED]
         if not folders:
             sys.exit("compare needs at least one run folder")
         cfgs = [load_config(f / "config.yaml", []) for f in folders]
-        for key in SAME:
-            x, y = (getattr(c, key) for c in (cfgs[0], cfgs[-1]))
-            if (x.model_dump() if hasattr(x, "model_dump") else x) != (
-                y.model_dump() if hasattr(y, "model_dump") else y
-            ):
-                sys.exit(f"{runs[0]} and {runs[1]} differ in '{key}': they are not judged on the same pairs")
-        ws = open_workspace(cfgs[0], quiet=False)
-        untrained = adapter_state(ws.model, SELECTOR)  # the fresh adapter, before any state is loaded
+        shared = [c.model_dump(include=set(SAME)) for c in (cfgs[0], cfgs[-1])]
+        differ = [k for k in SAME if shared[0][k] != shared[1][k]]
+        if differ:
+            named = ", ".join(repr(k) for k in differ)
+            sys.exit(f"{runs[0]} and {runs[1]} differ in {named}: they are not judged on the same pairs")
+        key = json.dumps(shared[0], sort_keys=True, default=str)
+        if key not in workspaces:
+            workspaces.clear()  # one model in memory at a time
+            ws = open_workspace(cfgs[0], quiet=False)
+            workspaces[key] = (ws, adapter_state(ws.model, SELECTOR))  # the fresh adapter, before any load
+        ws, untrained = workspaces[key]
         scored = []
         for run in runs:
-            ckpt, logged, correct, subsets = run_correct(ws, run, untrained)
+            if (key, run) not in outcomes:
+                outcomes[key, run] = run_correct(ws, run, untrained)
+            ckpt, logged, correct, subsets = outcomes[key, run]
             print(
                 f"{run}: {Path(str(ckpt)).name}, agreement {100 * float(correct.mean()):.2f}%"
                 f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
@@ -194,7 +201,6 @@ def main() -> None:
                 "outcomes": {"subsets": subsets_all, **{s["run"]: s["correct"].tolist() for s in scored}},
             }
         )
-        del ws
     out = {"comparisons": results}
     if len(diffs) > 1 and not poolable:
         print("not pooled: the comparisons judge different test pairs")
