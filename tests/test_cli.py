@@ -159,6 +159,7 @@ def test_eval_without_checkpoint_is_a_clear_error(config):
 def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp_path):
     overrides = [
         "pipeline=rlhf",
+        "train.steps=100",  # the default: the fixture's steps=4 sizes a centralized run, refused here
         "federated.algorithm=fedbiscuit",
         "federated.rounds=3",
         "federated.clients_per_round=2",

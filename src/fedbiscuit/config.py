@@ -235,10 +235,14 @@ class TrainConfig(_Section):
     steps: int | None = Field(default=100, ge=1)  # optimizer steps; None trains `epochs` epochs
     epochs: float | None = Field(default=None, gt=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
-    # Learning-rate schedule over one training run (centralized only: a federated client's few local steps
-    # keep a constant rate, as in the paper).
+    # Learning-rate schedule (selector/training.py, lr_factor): linear warm-up over `warmup_steps`, then
+    # constant, linear or cosine decay to `min_lr_ratio * lr`. Centralized runs count their optimizer steps; in a
+    # federated run a step is one local step along the sequence of rounds (round r's local steps are steps
+    # r*local_steps ... (r+1)*local_steps - 1 of rounds*local_steps), so the same schedule runs across rounds
+    # and each client gets its round's rates with the round.
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # the floor linear and cosine decay end at
     log_every: int = Field(default=10, ge=1)
     # Micro-batches drawn from pairs of similar length (shuffled within windows of 50 batches, then the batches
     # shuffled), as transformers' Trainer does with group_by_length: far less padding, same pairs per epoch.
@@ -272,6 +276,46 @@ class EvalConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------- federated
+
+
+class ServerOptimizerConfig(_Section):
+    """How the server moves a selector by its members' mean change (federated/server_optimizer.py).
+
+    The pseudo-gradient of a round is d = aggregate(members' adapters) - selector (Reddi et al., "Adaptive
+    Federated Optimization", ICLR 2021; the update rules of Flower's FedAvg, FedAvgM, FedAdam and FedYogi):
+    avg: x += lr * d (lr 1: plain FedAvg); avgm: m = momentum * m + d, x += lr * m; adam / yogi: first and second
+    moments of d, x += lr * m_hat / (sqrt(v) + tau). State is kept per selector and checkpointed.
+    """
+
+    name: Literal["avg", "avgm", "adam", "yogi"] = "avg"
+    lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # avgm
+    betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi
+    tau: float = Field(default=1e-3, gt=0)  # adam, yogi: how adaptive (smaller: closer to sign steps)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw  # federated.server_optimizer=adam
+
+    @model_validator(mode="after")
+    def _no_unused_settings(self) -> ServerOptimizerConfig:
+        used = {"avg": set(), "avgm": {"momentum"}, "adam": {"betas", "tau"}, "yogi": {"betas", "tau"}}[
+            self.name
+        ]
+        # compared with the defaults, not with the keys given: a dumped config names every key
+        unused = sorted(
+            k
+            for k in {"momentum", "betas", "tau"} - used
+            if getattr(self, k) != ServerOptimizerConfig.model_fields[k].default
+        )
+        if unused:
+            raise ValueError(
+                f"federated.server_optimizer.{unused[0]} does nothing with server_optimizer.name={self.name!r}"
+            )
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"federated.server_optimizer.betas must lie in [0, 1), got {self.betas}")
+        return self
 
 
 class FedBiscuitConfig(_Section):
@@ -343,6 +387,7 @@ class FederatedConfig(_Section):
     local_steps: int = Field(default=3, ge=1)
     reset_optimizer: bool = True  # the paper's clients start every round with a fresh AdamW
     weighting: Literal["uniform", "samples"] = "uniform"  # FedAvg weights; the paper averages uniformly
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     min_clients: int = Field(default=1, ge=1)  # fewer valid returns than this stops the run
     client_timeout_s: float | None = Field(default=None, gt=0)  # a slower client's update is discarded
     checkpoint_every: int = Field(default=5, ge=1)
@@ -499,12 +544,35 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _schedule_is_centralized(self) -> RunConfig:
-        if self.pipeline != "centralized" and self.train.schedule != "constant":
+    def _schedule_fits(self) -> RunConfig:
+        t = self.train
+        if t.min_lr_ratio != 0.0 and t.schedule == "constant":
             raise ValueError(
-                f"train.schedule={self.train.schedule!r} applies to centralized training only: "
-                "federated local steps use a constant rate"
+                f"train.min_lr_ratio={t.min_lr_ratio} is the floor of a decay: set train.schedule to linear or cosine"
             )
+        if (
+            self.pipeline == "rlhf"
+            and self.rlhf.method != "selectors"
+            and (t.schedule != "constant" or t.warmup_steps)
+        ):
+            raise ValueError(
+                f"train.schedule / train.warmup_steps set the selectors' rate; rlhf.method={self.rlhf.method!r} "
+                "trains no selector (its policy follows rlhf.dpo): leave them at constant / 0"
+            )
+        named = ["epochs"] if t.epochs is not None else []
+        named += ["steps"] if t.steps not in (None, TrainConfig.model_fields["steps"].default) else []
+        if self.pipeline != "centralized" and named:
+            raise ValueError(
+                f"train.{named[0]} sets the length of a centralized run; a federated run trains "
+                "federated.rounds x federated.local_steps steps: leave train.steps and train.epochs unset"
+            )
+        if self.pipeline != "centralized":
+            total = self.federated.rounds * self.federated.local_steps
+            if t.warmup_steps >= total:
+                raise ValueError(
+                    f"train.warmup_steps={t.warmup_steps} is not below the run's {total} sequential steps "
+                    "(federated.rounds x federated.local_steps): the rate would never leave its warm-up"
+                )
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,6 @@
-"""What a client encodes: a grouping round scores only the prefix of the held-out slice it needs."""
+"""What a client encodes and scores: a grouping round scores only the prefix of the held-out slice it needs."""
+
+import pytest
 
 from fedbiscuit.data import ClientData
 from fedbiscuit.data.pairs import Comparison
@@ -37,3 +39,43 @@ def test_scoring_encodes_only_the_pairs_a_grouping_round_uses():
     # a client without a held-out slice scores on (a prefix of) its training pairs
     lone = SelectorClient(1, ClientData("d", _pairs(10, "train"), []), enc, answer_token_ids(tok))
     assert len(lone.scoring_pairs(3)) == 3
+
+
+def test_scores_come_with_the_standard_error_of_each_selectors_difference_to_the_best(tiny):
+    """The grouping's evidence: mean loss per selector, and per selector the standard error of its per-pair
+    loss minus the best selector's, recomputed here from the per-pair probabilities."""
+    import torch
+
+    from fedbiscuit.config import LoraSettings
+    from fedbiscuit.models.adapters import adapter_state, add_adapter, load_adapter_state
+    from fedbiscuit.selector.training import score_pairs
+
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    states = {}
+    for k in range(2):
+        torch.manual_seed(k)
+        st = adapter_state(model, "selector")
+        states[f"s{k}"] = {n: torch.randn_like(v) * 0.5 for n, v in st.items()}
+    enc = PairEncoder(tok, Template.parse("generic"), 256)
+    choice = answer_token_ids(tok)
+    held = [Comparison(f"held {i}", f"yes {i}", f"no {i}", float(i % 2), "c", "t") for i in range(12)]
+    client = SelectorClient(0, ClientData("c", _pairs(4, "train"), held), enc, choice)
+    reply = client.score(model, states, None, batch_size=5)
+    per_pair = {}
+    pairs = enc.encode(held)
+    for name, st in states.items():
+        load_adapter_state(model, "selector", st)
+        p_ab, p_ba = score_pairs(model, enc, pairs, choice, 16)
+        label = torch.tensor([p.label for p in held], dtype=torch.float64)
+        loss_ab = -(label * p_ab.double().log() + (1 - label) * (1 - p_ab.double()).log())
+        loss_ba = -((1 - label) * p_ba.double().log() + label * (1 - p_ba.double()).log())
+        per_pair[name] = (loss_ab + loss_ba) / 2
+    best = min(per_pair, key=lambda n: per_pair[n].mean())
+    other = next(n for n in per_pair if n != best)
+    assert reply.num_pairs == 12
+    for name in states:
+        assert reply.losses[name] == pytest.approx(per_pair[name].mean().item(), rel=1e-4)
+    diff = per_pair[other] - per_pair[best]
+    assert reply.diff_se[best] == 0.0
+    assert reply.diff_se[other] == pytest.approx((diff.std() / 12**0.5).item(), rel=1e-3)

@@ -227,8 +227,15 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapters(tmp_path):
     assert rounds == list(range(8))  # replayed rounds are not logged twice
 
 
-@pytest.mark.parametrize("reset", [True, False])
-def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset):
+ADAPTIVE = {"server_optimizer": {"name": "adam", "lr": 0.05}}
+SCHEDULE = {"schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("reset", "server", "schedule"),
+    [(True, {}, {}), (False, {}, {}), (True, ADAPTIVE, SCHEDULE), (True, {"server_optimizer": "yogi"}, {})],
+)
+def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset, server, schedule):
     raw = make_cfg(
         tmp_path,
         "r",
@@ -236,11 +243,15 @@ def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset):
         rounds=5,
         reset_optimizer=reset,
         fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+        **server,
     )
+    raw["train"].update(schedule)
     run_federated(config_from_dict(raw), quiet=True)
     ckpts = list_checkpoints(tmp_path / "runs" / "r" / "checkpoints")
     expected = load_checkpoint(ckpts[-1])
     assert bool(expected.optimizer_states) is (not reset)
+    # the server optimizer's moments are part of the checkpoint: one state per selector that was updated
+    assert set(expected.server_optimizer) == (set(expected.selectors) if server else set())
     for later in ckpts[1:]:  # back to round 3: rounds 3 and 4 are replayed
         later.unlink()
         later.with_suffix(".optim.pt").unlink(missing_ok=True)

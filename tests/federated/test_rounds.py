@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from fedbiscuit.config import config_from_dict
 from fedbiscuit.federated.algorithm import Algorithm
 from fedbiscuit.federated.checkpoint import ServerState
-from fedbiscuit.federated.client import TrainReply
+from fedbiscuit.federated.client import ScoreReply, TrainReply
 from fedbiscuit.federated.rounds import RoundLoop
 from fedbiscuit.runs import RunDir
 
@@ -32,7 +33,8 @@ class Scripted:
         }
 
     def score(self, selectors, round_):
-        return self.scores(selectors, round_)
+        rows = self.scores(selectors, round_)
+        return {c: row if isinstance(row, str) else ScoreReply(row, 10) for c, row in rows.items()}
 
     def optimizer_states(self):
         return {}
@@ -114,3 +116,38 @@ def test_warm_up_rounds_never_ask_for_sizes_and_average_plainly(tmp_path):
         state.selectors["selector-0"]["w"], torch.full((2,), sum(steps[c] for c in members) / 2)
     )
     assert transport.size_calls == 0
+
+
+def test_grouping_trust_counts_clients_decided_beyond_two_standard_errors(tmp_path):
+    from fedbiscuit.federated.rounds import grouping_trust
+
+    losses = {
+        "a": {"s0": 0.60, "s1": 0.70},  # margin 0.10, se 0.02: z 5
+        "b": {"s0": 0.69, "s1": 0.68},  # margin 0.01, se 0.02: z 0.5
+        "c": {"s0": 0.50, "s1": 0.53},  # margin 0.03, se 0.01: z 3
+    }
+    errors = {"a": {"s0": 0.0, "s1": 0.02}, "b": {"s0": 0.02, "s1": 0.0}, "c": {"s0": 0.0, "s1": 0.01}}
+    t = grouping_trust(losses, errors)
+    assert t["margins"] == pytest.approx({"a": 0.10, "b": 0.01, "c": 0.03})
+    assert t["z"] == pytest.approx({"a": 5.0, "b": 0.5, "c": 3.0})
+    assert t["decided"] == 2 and t["trusted"] and t["median_z"] == pytest.approx(3.0)
+    noisy = grouping_trust({k: losses[k] for k in "b"}, errors)
+    assert noisy["decided"] == 0 and not noisy["trusted"]
+
+
+def test_a_grouping_logs_margins_and_who_changed_cluster(tmp_path):
+    def scores(selectors, r):
+        return {
+            c: {"selector-0": 0.1 * (i % 2), "selector-1": 0.1 * ((i + 1) % 2)} for i, c in enumerate(CLIENTS)
+        }
+
+    loop, cfg = _loop(tmp_path, Scripted({}, {}, scores=scores))
+    before = {c: "selector-0" for c in CLIENTS[:3]} | {c: "selector-1" for c in CLIENTS[3:]}
+    state = ServerState(4, {"selector-0": {}, "selector-1": {}}, dict(before))
+    loop.regroup(state, 4)
+    (record,) = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["assignment"] == {c: f"selector-{i % 2}" for i, c in enumerate(CLIENTS)}
+    assert record["changed"] == sorted(c for c in CLIENTS if before[c] != record["assignment"][c])
+    assert record["margins"] == pytest.approx({c: 0.1 for c in CLIENTS})
+    # the scripted replies carry no standard errors: a positive margin with se 0 counts as decided
+    assert record["decided"] == 6 and record["trusted"]

@@ -29,8 +29,16 @@ def _nodes(n):
     return [{"partition-id": i, "num-partitions": n} for i in range(n)]
 
 
-def test_flower_apps_end_with_the_local_engines_adapters(tmp_path):
-    raw = planted_run_config(tmp_path, "local", clients=4, **FEDBISCUIT)
+@pytest.mark.parametrize(
+    ("server", "schedule"),
+    [
+        ({}, {}),
+        ({"server_optimizer": {"name": "avgm", "lr": 0.5}}, {"schedule": "linear", "warmup_steps": 2}),
+    ],
+)
+def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, schedule):
+    raw = planted_run_config(tmp_path, "local", clients=4, **FEDBISCUIT, **server)
+    raw["train"].update(schedule)
     local = run_federated(config_from_dict(raw), quiet=True)
     flower = run_inprocess(config_from_dict({**raw, "name": "flower"}), _nodes(4))
     a, b = _final(local["run_dir"]), _final(flower["run_dir"])

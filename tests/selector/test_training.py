@@ -100,8 +100,9 @@ def test_warmup_and_cosine_schedule_and_progressive_agreement(tiny):
     logged = []
     result = train_selector(model, enc, train, cfg, choice, seed=0, on_log=logged.append)
     assert logged == result.history and [h["step"] for h in logged] == [5, 10, 15, 20]
-    # transformers' cosine-with-warm-up: full rate after warm-up, then half a cosine down to 0 at the end
-    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in (5, 10, 15, 20)]
+    # transformers' cosine-with-warm-up, the rate each logged step ran at (step s is index s - 1): 4/5 of the
+    # rate in the last warm-up step, then half a cosine towards 0 at the end
+    expected = [1e-2 * 0.8] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 6) / 15)) for s in (10, 15, 20)]
     assert [h["lr"] for h in logged] == pytest.approx(expected, abs=1e-9)
     assert [h["pairs_seen"] for h in logged] == [20, 40, 60, 80]
     # pair agreement on batches before the model steps on them (unseen pairs in the first epoch)
@@ -109,11 +110,19 @@ def test_warmup_and_cosine_schedule_and_progressive_agreement(tiny):
     assert logged[-1]["pair_agreement"] >= 0.9
 
 
-def test_schedules_are_centralized_only():
+def test_schedule_settings_that_would_be_ignored_are_errors_naming_the_key():
     from fedbiscuit.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="train.schedule"):
-        config_from_dict({"pipeline": "federated", "train": {"schedule": "linear"}}, "test")
+    fed = {"pipeline": "federated", "federated": {"rounds": 10, "local_steps": 4}}
+    assert config_from_dict({**fed, "train": {"schedule": "cosine", "warmup_steps": 8}}).train.schedule == "cosine"
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=40 is not below the run's 40 sequential steps"):
+        config_from_dict({**fed, "train": {"warmup_steps": 40}})
+    with pytest.raises(ConfigError, match=r"train.epochs sets the length of a centralized run"):
+        config_from_dict({**fed, "train": {"steps": None, "epochs": 2}})
+    with pytest.raises(ConfigError, match=r"train.min_lr_ratio=0.1 is the floor of a decay"):
+        config_from_dict({"train": {"min_lr_ratio": 0.1}})
+    with pytest.raises(ConfigError, match=r"rlhf.method='feddpo' trains no selector"):
+        config_from_dict({"pipeline": "rlhf", "rlhf": {"method": "feddpo"}, "train": {"schedule": "linear"}})
 
 
 def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_little_padding():
@@ -133,3 +142,52 @@ def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_little_padd
     assert spread < plain_spread / 5  # neighbours in a batch have similar lengths
     shortest = [min(lengths[i] for i in b) for b in epoch]
     assert shortest != sorted(shortest)  # but the batches come in a shuffled order
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_factor_is_transformers_schedule_and_decays_to_its_floor(schedule):
+    from transformers import get_scheduler
+
+    from fedbiscuit.selector.training import lr_factor
+
+    total, warmup = 40, 7
+    cfg = TrainConfig(lr=1.0, schedule=schedule, warmup_steps=warmup)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert lr_factor(step, total, cfg) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+    if schedule != "constant":
+        floored = TrainConfig(lr=1.0, schedule=schedule, warmup_steps=warmup, min_lr_ratio=0.2)
+        assert lr_factor(total, total, floored) == pytest.approx(0.2)
+        assert lr_factor(warmup, total, floored) == pytest.approx(1.0)
+        mid = lr_factor((warmup + total) // 2, total, floored)
+        assert 0.2 < mid < 1.0 and mid == pytest.approx(
+            0.2 + 0.8 * lr_factor((warmup + total) // 2, total, cfg)
+        )
+
+
+def test_a_window_puts_the_steps_on_a_longer_schedule(tiny):
+    """A federated client's round: steps first ... first + n - 1 of the run's schedule, with its own optimizer."""
+    from fedbiscuit.selector.training import lr_factor, make_optimizer
+
+    model, enc, choice = _setup(tiny)
+    pairs = enc.encode(synthetic(16, 0))
+    cfg = TrainConfig(lr=1e-2, steps=100, batch_size=4, log_every=1, schedule="cosine", warmup_steps=2)
+    result = train_selector(
+        model,
+        enc,
+        pairs,
+        cfg,
+        choice,
+        optimizer=make_optimizer(model, cfg),
+        steps=3,
+        schedule_window=(10, 20),
+    )
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [1e-2 * lr_factor(s, 20, cfg) for s in (10, 11, 12)]
+    )
+    constant = train_selector(model, enc, pairs, cfg, choice, optimizer=make_optimizer(model, cfg), steps=2)
+    assert [h["lr"] for h in constant.history] == [1e-2, 1e-2]  # no window: the caller's constant rate

@@ -18,6 +18,7 @@ import torch
 from ..durable import durable_write
 from ..models.adapters import AdapterState, read_adapter, save_adapter
 
+_SERVER_OPT = "@server_optimizer/"  # key prefix of the server optimizer's tensors
 _NAME = re.compile(r"^round-(\d{6})\.safetensors$")
 
 
@@ -27,6 +28,8 @@ class ServerState:
     selectors: dict[str, AdapterState]
     clusters: dict[str, str] = field(default_factory=dict)  # client -> selector it trains (after grouping)
     optimizer_states: dict[str, dict] = field(default_factory=dict)  # client -> AdapterW state (if kept)
+    # selector -> the server optimizer's state for it (server_optimizer.py; empty for plain FedAvg)
+    server_optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def save_checkpoint(folder: Path, state: ServerState, keep: int = 3) -> Path:
@@ -36,6 +39,10 @@ def save_checkpoint(folder: Path, state: ServerState, keep: int = 3) -> Path:
         with durable_write(path.with_suffix(".optim.pt"), suffix=".pt") as tmp:
             torch.save(state.optimizer_states, tmp)
     flat = {f"{sel}/{k}": v for sel, st in state.selectors.items() for k, v in st.items()}
+    # the server optimizer's moments in the same file, so a checkpoint never holds selectors without them
+    flat |= {
+        f"{_SERVER_OPT}{sel}/{k}": v for sel, st in state.server_optimizer.items() for k, v in st.items()
+    }
     meta = {
         "server": json.dumps(
             {"round": state.round, "clusters": state.clusters, "selectors": list(state.selectors)}
@@ -60,9 +67,11 @@ def load_checkpoint(path: Path) -> ServerState:
         raise ValueError(f"{path}: not a fedbiscuit server checkpoint (no server metadata)")
     info = json.loads(meta["server"])
     selectors: dict[str, AdapterState] = {name: {} for name in info["selectors"]}
+    server_opt: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
-        sel, _, tensor = key.rpartition("/")  # tensor names have no "/"; selector names (client ids) may
-        selectors[sel][tensor] = value
+        opt = key.startswith(_SERVER_OPT)
+        sel, _, tensor = key.removeprefix(_SERVER_OPT).rpartition("/")  # tensor names have no "/"; selector
+        (server_opt.setdefault(sel, {}) if opt else selectors[sel])[tensor] = value  # names (client ids) may
     optim_path = path.with_suffix(".optim.pt")
     optim = torch.load(optim_path, weights_only=True) if optim_path.is_file() else {}
-    return ServerState(info["round"], selectors, info["clusters"], optim)
+    return ServerState(info["round"], selectors, info["clusters"], optim, server_opt)

@@ -30,6 +30,15 @@ class TrainReply:
 class ScoreReply:
     losses: dict[str, float]  # selector name -> mean choice loss on the held-out slice
     num_pairs: int
+    # selector name -> standard error of the per-pair difference between its loss and the client's lowest
+    # mean loss (0 for that selector): how far a grouping can trust the client's preference among selectors
+    diff_se: dict[str, float] = field(default_factory=dict)
+
+
+def round_window(rounds: int, local_steps: int, round_: int) -> tuple[int, int]:
+    """(first step, all steps) of round ``round_`` on the run's sequence of local steps: where a client's
+    learning-rate schedule stands in that round (train.schedule, train.warmup_steps)."""
+    return round_ * local_steps, rounds * local_steps
 
 
 def client_seed(seed: int, round_: int, client_index: int, salt: int = 0) -> int:
@@ -75,9 +84,11 @@ class SelectorClient:
         seed: int,
         reset_optimizer: bool = True,
         pairs: list[EncodedPair] | None = None,
+        schedule_window: tuple[int, int] | None = None,
     ) -> TrainReply:
         """``steps`` local steps from ``state`` on the client's training pairs (or on ``pairs``: an unseen
-        client personalises on its labelled slice, federated/population.py)."""
+        client personalises on its labelled slice, federated/population.py). ``schedule_window``: where these
+        steps sit on the run's learning-rate schedule (round_window); None keeps ``cfg.lr`` constant."""
         pairs = self.train_pairs if pairs is None else pairs
         if not pairs:
             raise ValueError(f"client {self.name!r} has no training pairs")
@@ -96,6 +107,7 @@ class SelectorClient:
             seed=seed,
             optimizer=optimizer,
             steps=steps,
+            schedule_window=schedule_window,
         )
         if not reset_optimizer:
             self.optimizer_state = optimizer.state_dict()
@@ -106,6 +118,7 @@ class SelectorClient:
                 "loss": result.loss,
                 "accuracy": result.accuracy,
                 "pairs_seen": float(result.samples),
+                "lr": float(optimizer.param_groups[0]["lr"]),  # the rate of the round's last step
                 "seconds": result.seconds,  # pure training: the engine's overhead is the round's time minus this
             },
         )
@@ -124,17 +137,28 @@ class SelectorClient:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        losses = {}
+        per_pair: dict[str, torch.Tensor] = {}
         try:
             for name, state in states.items():
                 load_adapter_state(model, WORK_ADAPTER, state, where=f"selector {name}")
-                total = 0.0
+                parts = []
                 for i in range(0, len(pairs), batch_size):
                     logits, target = self.encoder.logits(
                         model, pairs[i : i + batch_size], True, self.choice_ids, device
                     )
-                    total += float(choice_loss(logits, target)) * len(target)
-                losses[name] = total / (2 * len(pairs))
+                    seq = choice_loss(logits, target, reduction="none").double().cpu()
+                    n = len(seq) // 2  # the pairs as shown, then the same pairs swapped
+                    parts.append((seq[:n] + seq[n:]) / 2)
+                per_pair[name] = torch.cat(parts)
         finally:
             model.train(was_training)
-        return ScoreReply(losses=losses, num_pairs=len(pairs))
+        losses = {name: float(v.mean()) for name, v in per_pair.items()}
+        best = per_pair[min(losses, key=losses.get)]
+        diff_se = {name: standard_error(v - best) for name, v in per_pair.items()}
+        return ScoreReply(losses=losses, num_pairs=len(pairs), diff_se=diff_se)
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of ``values`` (0 for fewer than two)."""
+    n = len(values)
+    return float(values.std(unbiased=True) / n**0.5) if n > 1 else 0.0

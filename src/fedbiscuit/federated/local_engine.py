@@ -15,7 +15,7 @@ from ..models.adapters import AdapterState
 from ..runs import RunDir
 from .algorithm import Algorithm
 from .checkpoint import ServerState
-from .client import SelectorClient, TrainReply
+from .client import ScoreReply, SelectorClient, TrainReply, round_window
 from .evaluation import evaluate_selectors
 from .rounds import RoundLoop, TooFewClientsError, TrainJob, state_bytes
 
@@ -34,20 +34,26 @@ class LocalTransport:
         for name, job in jobs.items():
             try:
                 out[name] = self.clients[name].train(
-                    self.model, job.state, self.cfg.train, fed.local_steps, job.seed, fed.reset_optimizer
+                    self.model,
+                    job.state,
+                    self.cfg.train,
+                    fed.local_steps,
+                    job.seed,
+                    fed.reset_optimizer,
+                    schedule_window=round_window(fed.rounds, fed.local_steps, round_),
                 )
             except Exception as err:  # a client's failure must not end the round; the reason is kept
                 out[name] = f"raised {type(err).__name__}: {err}"
         return out
 
-    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, dict[str, float] | str]:
+    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, ScoreReply | str]:
         fb, out = self.cfg.federated.fedbiscuit, {}
         bar = tqdm(self.clients.values(), desc=f"grouping (round {round_})", disable=self.quiet, leave=False)
         for client in bar:  # every client, not only sampled ones
             try:
                 out[client.name] = client.score(
                     self.model, selectors, fb.grouping_pairs, self.cfg.eval.batch_size
-                ).losses
+                )
             except Exception as err:
                 out[client.name] = f"raised {type(err).__name__}: {err}"
         return out

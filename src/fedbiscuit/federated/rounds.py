@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..models.adapters import AdapterState
 from ..runs import RunDir
+from ..selector.training import lr_factor
 from .algorithm import Algorithm
 from .checkpoint import ServerState, save_checkpoint
-from .client import TrainReply, client_seed
+from .client import ScoreReply, TrainReply, client_seed, round_window
 from .privacy import CentralDP
 from .server import reject_reason
+from .server_optimizer import server_step
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ class Transport(Protocol):
         """Client name -> its reply, or a string saying why there is none (raised, unreachable, ...)."""
         ...
 
-    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, dict[str, float] | str]:
-        """Every client -> its held-out loss under every selector, or why it could not score."""
+    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, ScoreReply | str]:
+        """Every client -> its held-out loss under every selector (with standard errors), or why it could
+        not score."""
         ...
 
     def optimizer_states(self) -> dict[str, dict]:
@@ -66,6 +69,38 @@ class Transport(Protocol):
 
 
 Evaluator = Callable[[ServerState, int], dict]
+
+
+def grouping_trust(losses: dict[str, dict[str, float]], errors: dict[str, dict[str, float]]) -> dict:
+    """How much of a grouping the scores decide: per client the margin between its second-best and best
+    selector's mean held-out loss and that margin over its standard error (z). A client whose z is below 2
+    would as likely have preferred another selector on a fresh slice of its data: its place is noise."""
+    margins, zs = {}, {}
+    for c, row in losses.items():
+        ranked = sorted(row, key=row.get)
+        if len(ranked) < 2:
+            continue
+        second = ranked[1]
+        margins[c] = row[second] - row[ranked[0]]
+        se = errors.get(c, {}).get(second, 0.0)
+        zs[c] = margins[c] / se if se > 0 else (math.inf if margins[c] > 0 else 0.0)
+    decided = sum(z > 2 for z in zs.values())
+    return {
+        "margins": margins,
+        "z": {c: (z if math.isfinite(z) else None) for c, z in zs.items()},
+        "decided": decided,
+        "median_margin": _median(list(margins.values())),
+        "median_z": _median([min(z, 1e9) for z in zs.values()]),
+        "trusted": bool(zs) and decided >= len(zs) / 2,
+    }
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 class RoundLoop:
@@ -85,15 +120,17 @@ class RoundLoop:
     # ---------------------------------------------------------------- grouping round
     def regroup(self, state: ServerState, round_: int) -> None:
         start = time.perf_counter()
-        losses, unscored = {}, {}
-        for name, row in self.transport.score(state.selectors, round_).items():
-            if isinstance(row, str):
-                unscored[name] = row
-                log.warning("round %d: client %s could not score the selectors: %s", round_, name, row)
-            elif all(math.isfinite(v) for v in row.values()) and set(row) == set(state.selectors):
-                losses[name] = row
+        losses, errors, unscored = {}, {}, {}
+        for name, reply in self.transport.score(state.selectors, round_).items():
+            if isinstance(reply, str):
+                unscored[name] = reply
+                log.warning("round %d: client %s could not score the selectors: %s", round_, name, reply)
+            elif set(reply.losses) != set(state.selectors):
+                unscored[name] = "wrong selectors"
+            elif all(math.isfinite(v) for v in reply.losses.values()):
+                losses[name], errors[name] = reply.losses, reply.diff_se
             else:
-                unscored[name] = "non-finite loss" if set(row) == set(state.selectors) else "wrong selectors"
+                unscored[name] = "non-finite loss"
         if losses:
             assignment = self.algorithm.group(losses, round_)
         elif state.clusters:
@@ -111,6 +148,13 @@ class RoundLoop:
                 assignment[c] = min(
                     self.algorithm.selectors, key=lambda s: (sizes[s], s != state.clusters.get(c))
                 )
+        trust = grouping_trust(losses, errors)
+        # None at the first grouping: there was no cluster to change
+        changed = (
+            sorted(c for c in assignment if state.clusters.get(c) != assignment[c])
+            if state.clusters
+            else None
+        )
         state.clusters = assignment
         self.run.log(
             {
@@ -118,9 +162,23 @@ class RoundLoop:
                 "round": round_,
                 "assignment": assignment,
                 "losses": losses,
+                "diff_se": errors,
+                **trust,
+                "changed": changed,
                 "seconds": time.perf_counter() - start,
                 "unscored": unscored,
             }
+        )
+        (log.info if trust["trusted"] else log.warning)(
+            "round %d grouping: %d of %d clients prefer a selector by more than 2 standard errors (median "
+            "margin %.4f, median z %.2f)%s; %s clients changed cluster",
+            round_,
+            trust["decided"],
+            len(losses),
+            trust["median_margin"],
+            trust["median_z"],
+            "" if trust["trusted"] else ": for most clients the grouping is within noise",
+            "no" if changed is None else len(changed),
         )
 
     # ---------------------------------------------------------------- evaluation
@@ -156,6 +214,7 @@ class RoundLoop:
         index = {name: i for i, name in enumerate(self.algorithm.clients)}
         while state.round < fed.rounds:
             r = state.round
+            first, total = round_window(fed.rounds, fed.local_steps, r)
             if self.algorithm.regroup_due(r):
                 self.regroup(state, r)
             plan = self.algorithm.plan(state, r)
@@ -195,9 +254,19 @@ class RoundLoop:
             if self.dp:  # central DP: bound each update's influence, then noise the average
                 replies = self.dp.clip(replies, state.selectors)
             sizes = self.transport.client_sizes() if self.algorithm.needs_client_sizes(r) else None
+            before = dict(state.selectors)  # aggregation replaces a selector's state, never edits it
             self.algorithm.aggregate(state, replies, r, sizes)
             if self.dp:
                 self.dp.add_noise(state, replies, self.cfg.seed, r)
+            # the server optimizer steps along (noised) aggregate - selector, for each selector updated this round
+            for selector, group in replies.items():
+                if group:
+                    state.selectors[selector], state.server_optimizer[selector] = server_step(
+                        fed.server_optimizer,
+                        before[selector],
+                        state.selectors[selector],
+                        state.server_optimizer.get(selector, {}),
+                    )
             round_seconds = time.perf_counter() - round_start
             state.round = r + 1
             self.run.log(
@@ -210,6 +279,8 @@ class RoundLoop:
                     "client_seconds": sum(c["seconds"] for c in client_records),
                     "cluster_sizes": dict(Counter(state.clusters.values())) if state.clusters else None,
                     "warmup": self.algorithm.warming_up(r),
+                    "lr": self.cfg.train.lr
+                    * lr_factor(first, total, self.cfg.train),  # its first step's rate
                 }
             )
             bar.update(1)

@@ -125,6 +125,8 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
+    from ..federated.client import round_window
+
     start = time.perf_counter()  # the handler's time: loading model and data (once per process) + training
     raw_cfg, task = m.request_task(msg.content)
     client, ws = _client(raw_cfg, context)
@@ -136,6 +138,7 @@ def _train(msg: Message, context: Context) -> Message:
         cfg.federated.local_steps,
         int(task["seed"]),
         reset_optimizer=True,  # the server refuses reset_optimizer=false on Flower (no client state kept)
+        schedule_window=round_window(cfg.federated.rounds, cfg.federated.local_steps, int(task["round"])),
     )
     reply.metrics["handler_seconds"] = time.perf_counter() - start
     return Message(m.train_reply_content(reply), reply_to=msg)
@@ -164,7 +167,7 @@ def score(msg: Message, context: Context) -> Message:
     selectors = m.request_selectors(msg.content)
     fb = ws.cfg.federated.fedbiscuit
     reply = client.score(ws.model, selectors, fb.grouping_pairs, ws.cfg.eval.batch_size)
-    return Message(m.score_reply_content(reply.losses, reply.num_pairs, list(selectors)), reply_to=msg)
+    return Message(m.score_reply_content(reply, list(selectors)), reply_to=msg)
 
 
 @app.query("echo")

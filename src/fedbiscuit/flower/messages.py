@@ -96,14 +96,22 @@ def read_train_reply(content: RecordDict):
     )
 
 
-def score_reply_content(losses: dict[str, float], num_pairs: int, selector_names: list[str]) -> RecordDict:
-    values = {f"loss-{i}": float(losses[name]) for i, name in enumerate(selector_names)}
-    return RecordDict({"losses": MetricRecord({**values, "num_pairs": int(num_pairs)})})
+def score_reply_content(reply, selector_names: list[str]) -> RecordDict:
+    """A ScoreReply: per selector its mean loss and the standard error of its difference to the best."""
+    values = {f"loss-{i}": float(reply.losses[name]) for i, name in enumerate(selector_names)}
+    values |= {f"se-{i}": float(reply.diff_se.get(name, 0.0)) for i, name in enumerate(selector_names)}
+    return RecordDict({"losses": MetricRecord({**values, "num_pairs": int(reply.num_pairs)})})
 
 
-def read_score_reply(content: RecordDict, selector_names: list[str]) -> dict[str, float]:
+def read_score_reply(content: RecordDict, selector_names: list[str]):
+    from ..federated.client import ScoreReply
+
     losses = content["losses"]
-    return {name: float(losses[f"loss-{i}"]) for i, name in enumerate(selector_names)}
+    return ScoreReply(
+        losses={name: float(losses[f"loss-{i}"]) for i, name in enumerate(selector_names)},
+        num_pairs=int(losses["num_pairs"]),
+        diff_se={name: float(losses[f"se-{i}"]) for i, name in enumerate(selector_names)},
+    )
 
 
 def identity_content(identity: Identity) -> RecordDict:

@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, config_from_dict
-from ..federated.client import TrainReply
+from ..federated.client import ScoreReply, TrainReply
 from ..federated.rounds import TooFewClientsError, TrainJob
 from ..models.adapters import AdapterState
 from ..runs import RunDir
@@ -183,7 +183,7 @@ class FlowerTransport:
                 out[name] = f"malformed reply: {err}"
         return out
 
-    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, dict[str, float] | str]:
+    def score(self, selectors: dict[str, AdapterState], round_: int) -> dict[str, ScoreReply | str]:
         self._await(self.clients, round_)
         names = list(selectors)
         requests = {

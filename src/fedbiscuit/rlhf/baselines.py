@@ -68,7 +68,17 @@ class PolicyClient:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def train(self, model, state: AdapterState, cfg, steps: int, seed: int, reset_optimizer: bool = True):
+    def train(
+        self,
+        model,
+        state: AdapterState,
+        cfg,
+        steps: int,
+        seed: int,
+        reset_optimizer: bool = True,
+        schedule_window: tuple[int, int]
+        | None = None,  # the selectors' train.schedule; refused by the config
+    ):
         prefs, ref = self._prepare(model)
         load_adapter_state(model, POLICY, state, where=f"policy sent to client {self.name}")
         model.set_adapter(POLICY)

@@ -23,10 +23,11 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def choice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against P(first shown is better); soft targets allowed."""
+def choice_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against P(first shown is better); soft targets allowed. ``reduction="none"``: per row."""
     logp = F.log_softmax(logits, dim=-1)
-    return -(target * logp[:, 0] + (1.0 - target) * logp[:, 1]).mean()
+    loss = -(target * logp[:, 0] + (1.0 - target) * logp[:, 1])
+    return loss.mean() if reduction == "mean" else loss
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -36,14 +37,26 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int):
-    """transformers' warm-up + decay schedules; None for a constant rate."""
-    if cfg.schedule == "constant" and cfg.warmup_steps == 0:
-        return None
-    from transformers import get_scheduler
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """The multiple of ``cfg.lr`` at optimizer step ``step`` (0-based) of ``total``.
 
-    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+    transformers' ``constant_with_warmup``, ``linear`` and ``cosine`` schedules (a test checks them against
+    ``get_scheduler``), with linear and cosine decaying to ``cfg.min_lr_ratio`` instead of 0. Written out
+    rather than taken from a LambdaLR because a federated client needs the rate at an arbitrary step of the
+    whole run (its round's steps) without a scheduler object that lives across rounds.
+    """
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return step / max(1, warmup)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * max(0.0, decay)
+
+
+def scheduled(cfg: TrainConfig) -> bool:
+    return cfg.schedule != "constant" or cfg.warmup_steps > 0
 
 
 def planned_steps(cfg: TrainConfig, num_pairs: int) -> int:
@@ -85,21 +98,27 @@ def train_selector(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     steps: int | None = None,
+    schedule_window: tuple[int, int] | None = None,
     progress=None,
     on_log=None,
 ) -> TrainResult:
     """Train the active adapter for ``steps`` (default: from the config) optimizer steps.
 
+    The learning rate follows ``cfg``'s schedule (lr_factor) over these steps, or, with ``schedule_window =
+    (first, total)``, over steps first ... first + steps - 1 of a longer sequence of ``total`` (a federated
+    client's round within the run); ``schedule_window=None`` with a caller's optimizer keeps its rate constant
+    (the personalisation baseline's few steps).
     ``progress`` is called as progress(step, total, loss) after each step (the CLI hangs a progress bar on it);
     ``on_log`` with each history record as it is made, every ``log_every`` steps.
     """
     if not pairs:
         raise ValueError("no training pairs")
     total = steps if steps is not None else planned_steps(cfg, len(pairs))
-    scheduler = None
-    if optimizer is None:  # a caller's own optimizer (federated rounds) keeps its constant rate
+    if optimizer is None:
         optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, total)
+        schedule_window = schedule_window or (0, total)
+    first, horizon = schedule_window or (0, 0)
+    use_schedule = schedule_window is not None and scheduled(cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -136,9 +155,10 @@ def train_selector(
                 raise FloatingPointError(f"selector loss became {step_loss} at step {step}; lower train.lr")
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if use_schedule:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(first + step - 1, horizon, cfg)
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
             losses.append(step_loss)
             if step % cfg.log_every == 0 or step == total:
                 window = losses[-cfg.log_every :]
