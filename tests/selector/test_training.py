@@ -114,8 +114,13 @@ def test_schedule_settings_that_would_be_ignored_are_errors_naming_the_key():
     from fedbiscuit.config import ConfigError, config_from_dict
 
     fed = {"pipeline": "federated", "federated": {"rounds": 10, "local_steps": 4}}
-    assert config_from_dict({**fed, "train": {"schedule": "cosine", "warmup_steps": 8}}).train.schedule == "cosine"
-    with pytest.raises(ConfigError, match=r"train.warmup_steps=40 is not below the run's 40 sequential steps"):
+    assert (
+        config_from_dict({**fed, "train": {"schedule": "cosine", "warmup_steps": 8}}).train.schedule
+        == "cosine"
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.warmup_steps=40 is not below the run's 40 sequential steps"
+    ):
         config_from_dict({**fed, "train": {"warmup_steps": 40}})
     with pytest.raises(ConfigError, match=r"train.epochs sets the length of a centralized run"):
         config_from_dict({**fed, "train": {"steps": None, "epochs": 2}})
