@@ -58,3 +58,15 @@ def tiny():
     from fedbiscuit.models.tiny import tiny_model
 
     return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real chat tokenizer of the embedded SmolLM2-135M-Instruct, read from its GGUF (a few seconds, no
+    model weights). Session-wide: copy it (copy.deepcopy) before changing it."""
+    from transformers import AutoTokenizer
+
+    from fedbiscuit.models.loading import embedded_gguf
+
+    path = embedded_gguf()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

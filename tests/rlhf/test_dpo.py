@@ -210,3 +210,115 @@ def test_dpo_steps_count_micro_batches_per_epoch():
     assert dpo_steps(DPOConfig(batch_size=4, epochs=1.0), 10) == 3  # 4 + 4 + 2
     assert dpo_steps(DPOConfig(batch_size=4, grad_accum=3, epochs=2.0), 10) == 2  # 6 micro-batches
     assert dpo_steps(DPOConfig(batch_size=8, epochs=1.0), 3) == 1
+
+
+def test_dpo_scores_the_tokens_the_policy_sampled(tiny):
+    """A policy scripted to answer " A the" or " B the" (each first token with probability 1/2, then certain):
+    the labelled pairs carry those ids, stop token included, and DPO scores exactly them. Decoding, stripping
+    and re-tokenising would give "A" for the sampled " A" (a token the policy gives probability ~0)."""
+    from fedbiscuit.config import SelectorConfig
+    from fedbiscuit.models.tiny import scripted_model
+    from fedbiscuit.rlhf.generation import sample, stop_token_ids
+    from fedbiscuit.rlhf.labelling import label_candidates
+    from fedbiscuit.selector import build_encoder
+
+    judge_model, tok = tiny
+    eos = tok.eos_token_id
+    q, sp_a, sp_b, sp_t, he = tok.convert_tokens_to_ids(["?", "ĠA", "ĠB", "Ġt", "he"])
+    script = {q: [sp_a, sp_b], sp_a: sp_t, sp_b: sp_t, sp_t: he, he: eos}
+    policy = scripted_model(len(tok), script, eos_token_id=eos)
+    gen = GenerationConfig(num_candidates=2, max_new_tokens=8, chat_template=False)
+    prompts = ["question one?", "question two?", "question three?", "question four?"]
+    cands = sample(policy, tok, prompts, gen, seed=0)
+    answers = {(sp_a, sp_t, he, eos): "A the", (sp_b, sp_t, he, eos): "B the"}
+    for row_ids, row_texts in zip(cands.tokens, cands.texts, strict=True):
+        assert [answers[tuple(ids)] for ids in row_ids] == row_texts
+
+    judge_model = add_adapter(judge_model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0))
+    encoder, choice_ids = build_encoder(
+        tok, SelectorConfig(template="Q:{prompt}\nA:{response_a}\nB:{response_b}\nAnswer:"), "generic"
+    )
+    selectors = {"s": adapter_state(judge_model, "selector")}
+    labels = label_candidates(judge_model, encoder, choice_ids, selectors, cands, slot="selector")
+    assert labels.pairs  # the seed gives prompts whose two samples differ
+    prefs = encode_preferences(tok, labels.pairs, gen, stops=stop_token_ids(policy, tok))
+    for pair, pref in zip(labels.pairs, prefs, strict=True):
+        assert {tuple(pref.chosen), tuple(pref.rejected)} == set(answers)
+        assert answers[tuple(pref.chosen)] == pair.chosen and answers[tuple(pref.rejected)] == pair.rejected
+    assert tok("A the", add_special_tokens=False).input_ids[0] != sp_a  # why the text is not re-tokenised
+    with torch.no_grad():
+        chosen, rejected = pair_logps(policy, prefs, tok.pad_token_id)
+    expected = torch.full_like(chosen, math.log(0.5))  # the one coin flip; every other token is certain
+    assert torch.allclose(chosen, expected, atol=1e-4) and torch.allclose(rejected, expected, atol=1e-4)
+
+
+def _random_adapter(model, scale=0.5, dropout=0.0, seed=0):
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=dropout))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    return model
+
+
+def test_ipo_is_on_the_average_log_probability_per_token(tiny):
+    model, tok = tiny
+    model = _random_adapter(model)
+    pairs = [HumanPair("q1?", "yes indeed, it is", "no"), HumanPair("q2?", "ok", "not at all, really")]
+    prefs = encode_preferences(tok, pairs, GenerationConfig(chat_template=False))
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    with torch.no_grad():
+        pc, pr = pair_logps(model, prefs, tok.pad_token_id)
+    n_c = torch.tensor([float(len(p.chosen)) for p in prefs])
+    n_r = torch.tensor([float(len(p.rejected)) for p in prefs])
+    assert (n_c != n_r).all()
+    beta = 0.1
+    dc, dr = (pc - ref[:, 0]) / n_c, (pr - ref[:, 1]) / n_r
+    expected = ((dc - dr - 1 / (2 * beta)) ** 2).mean().item()
+    on_sums = ((pc - ref[:, 0] - (pr - ref[:, 1]) - 1 / (2 * beta)) ** 2).mean().item()
+    assert abs(on_sums - expected) > 0.1  # the two readings differ here
+    cfg = DPOConfig(loss="ipo", beta=beta, batch_size=2, log_every=1, lr=1e-3)
+    (first,) = train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, steps=1).history
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)  # the loss before the first update
+    assert first["chosen_reward"] == pytest.approx(beta * dc.mean().item(), rel=1e-5, abs=1e-7)
+    assert first["rejected_reward"] == pytest.approx(beta * dr.mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_policy_and_reference_agree_at_step_zero_despite_dropout(tiny, monkeypatch):
+    """A base with attention dropout and a LoRA adapter with dropout 0.5: the policy's first forward pass
+    gives exactly the reference's log-probabilities (fresh adapter), so every log-ratio starts at zero and the
+    sigmoid loss at ln 2; with a trained adapter the log-ratios are the deterministic ones, not noise."""
+    import fedbiscuit.rlhf.dpo as dpo
+
+    model, tok = tiny
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.5))
+    prefs = _prefs(tok, 4)
+    ref = reference_logps(model, prefs, tok.pad_token_id)
+    rewards = []
+    real_loss = dpo.dpo_loss
+
+    def spy(*args, **kw):
+        out = real_loss(*args, **kw)
+        rewards.append(torch.stack(out[1:]))
+        return out
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    cfg = DPOConfig(batch_size=4, log_every=1, lr=1e-2)
+    (first,) = train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, steps=1).history
+    assert torch.equal(rewards[0], torch.zeros_like(rewards[0]))
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    # after training (here: random adapter weights), the first step's log-ratios are the eval-mode ones
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        model.eval()
+        pc, pr = pair_logps(model, prefs, tok.pad_token_id)
+    rewards.clear()
+    monkeypatch.setattr(dpo, "epoch_batches", lambda n, b, g: iter([list(range(n))]))  # pairs in order
+    train_dpo(model, "policy", prefs, ref, cfg, tok.pad_token_id, steps=1)
+    expected = torch.stack([cfg.beta * (pc - ref[:, 0]), cfg.beta * (pr - ref[:, 1])])
+    assert torch.allclose(rewards[0], expected, atol=1e-6) and expected.abs().max() > 1e-2

@@ -1,8 +1,21 @@
+import copy
+
+import pytest
 import torch
 
 from fedbiscuit.config import GenerationConfig, LoraSettings
 from fedbiscuit.models.adapters import add_adapter
-from fedbiscuit.rlhf.generation import cache_key, dialogue_messages, sample, weights_fingerprint
+from fedbiscuit.models.tiny import scripted_model, tiny_tokenizer
+from fedbiscuit.rlhf.baselines import HumanPair
+from fedbiscuit.rlhf.dpo import encode_preferences
+from fedbiscuit.rlhf.generation import (
+    cache_key,
+    dialogue_messages,
+    encode_prompts,
+    sample,
+    stop_token_ids,
+    weights_fingerprint,
+)
 
 
 def test_hh_transcripts_become_chat_messages():
@@ -99,6 +112,8 @@ def test_finished_flags_follow_eos(tiny, monkeypatch):
     assert out.finished == [[True, False], [True, True]]
     assert out.new_tokens == [[1, 3], [0, 2]]
     assert out.texts == [["#", "#$%"], ["", "%$"]]
+    # the sampled ids, up to and including the stop token (what DPO scores)
+    assert out.tokens == [[[a, eos], [a, b, c]], [[eos], [c, b, eos]]]
 
 
 def _greedy_by_hand(model, ids: list[int], steps: int, eos: int) -> list[int]:
@@ -126,3 +141,73 @@ def test_an_empty_prompt_is_answered_after_the_start_token_as_dpo_scores_it(tiny
         out = sample(model, tok, prompts, cfg, n=1, greedy=True)
         assert out.new_tokens[0] == [len(expected)]
         assert out.texts[0] == [tok.decode(expected, skip_special_tokens=True).strip()]
+
+
+@pytest.mark.parametrize("tokenizer_eos", ["<|im_end|>", "<|endoftext|>"])
+def test_a_chat_model_stops_at_its_end_of_turn_token(smollm2_tokenizer, tokenizer_eos):
+    """The real SmolLM2 chat tokenizer and a model scripted to answer "Hi there<|im_end|>" and then, if not
+    stopped, invent the next turn. SmolLM2-Instruct's tokenizer names <|im_end|> as its EOS; many chat
+    checkpoints (Qwen2.5, Llama 3, SmolLM2 base tuned to chat) keep the document end <|endoftext|> there and
+    name the end of turn only in the model's generation config, which generation must follow."""
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.eos_token = tokenizer_eos
+    im_start, im_end, endoftext = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    (nl,) = tok("\n").input_ids
+    hi, there = tok("Hi there").input_ids
+    (user,) = tok("user").input_ids
+    script = {nl: hi, hi: there, there: im_end, im_end: im_start, im_start: user, user: nl}
+    model = scripted_model(len(tok), script, eos_token_id=[im_end, endoftext])
+    cfg = GenerationConfig(num_candidates=2, max_new_tokens=12)  # chat template on
+    prompt = "\n\nHuman: Say hi\n\nAssistant:"
+    out = sample(model, tok, [prompt], cfg, n=1, greedy=True)
+    assert out.texts == [["Hi there"]]  # not "Hi there user\nHi there user\n..." up to the limit
+    assert stop_token_ids(model, tok) == [im_end, endoftext]
+    assert out.tokens == [[[hi, there, im_end]]]
+    assert out.finished == [[True]] and out.new_tokens == [[2]]
+    # a complete human reply is taught to end the same way, after the same rendered context
+    (pref,) = encode_preferences(
+        tok, [HumanPair(prompt, "Hi there", "No")], cfg, stops=stop_token_ids(model, tok)
+    )
+    assert pref.chosen == [hi, there, im_end] and pref.rejected[-1] == im_end
+    assert pref.prompt == encode_prompts(tok, [prompt], cfg)[0]
+    assert pref.prompt[-3:] == tok("assistant\n").input_ids and pref.prompt.count(im_start) == 3
+
+
+def test_a_base_model_stops_at_eos_and_its_prompt_starts_with_bos(monkeypatch):
+    """A tokenizer that adds BOS (Llama-style) and no chat template: the policy reads the BOS the model was
+    trained with, in generation and in DPO alike, and stops at its EOS."""
+    tok = tiny_tokenizer(add_bos=True)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    q, a, b = tok.convert_tokens_to_ids(["?", "#", "$"])
+    model = scripted_model(len(tok), {q: a, a: b, b: eos, eos: a}, eos_token_id=eos)
+    seen = []
+    real = model.generate
+
+    def spy(**kw):
+        seen.append(kw["input_ids"].tolist())
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    cfg = GenerationConfig(num_candidates=2, max_new_tokens=8, chat_template=False)
+    out = sample(model, tok, ["Is it?"], cfg, n=1, greedy=True)
+    expected = [bos] + tok("Is it?", add_special_tokens=False).input_ids
+    assert seen == [[expected]]
+    assert out.tokens == [[[a, b, eos]]] and out.texts == [["#$"]] and out.finished == [[True]]
+    (pref,) = encode_preferences(tok, [HumanPair("Is it?", "#$", "$")], cfg, stops=stop_token_ids(model, tok))
+    assert pref.prompt == expected and pref.chosen == [a, b, eos]
+    # a long prompt loses its oldest tokens, never the BOS
+    (long,) = encode_prompts(tok, ["x " * 100 + "END"], cfg.model_copy(update={"max_prompt_length": 16}))
+    assert len(long) == 16 and long[0] == bos and tok.decode(long[1:]).endswith("END")
+
+
+def test_smollm2_prompts_get_no_extra_bos(smollm2_tokenizer):
+    """SmolLM2's tokenizer adds no BOS itself, and its chat template writes the start tokens: nothing added."""
+    tok = smollm2_tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    plain = GenerationConfig(chat_template=False)
+    assert encode_prompts(tok, ["hello there"], plain) == [tok("hello there").input_ids]
+    (chat,) = encode_prompts(tok, ["hello there"], GenerationConfig())
+    rendered = tok.apply_chat_template(
+        dialogue_messages("hello there"), tokenize=False, add_generation_prompt=True
+    )
+    assert chat == tok(rendered, add_special_tokens=False).input_ids and chat[:2] != [im_start, im_start]

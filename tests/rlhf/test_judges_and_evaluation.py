@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from fedbiscuit.rlhf.evaluation import knockout, win_rate
-from fedbiscuit.rlhf.judges import JudgeError, OpenAIJudge
+from fedbiscuit.rlhf.judges import JudgeError, OpenAIJudge, parse_verdict
 
 
 class LengthJudge:
@@ -139,3 +139,40 @@ def test_a_hanging_endpoint_times_out():
         assert time.perf_counter() - start < 4
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("A", 1.0),
+        ("B", 0.0),
+        ("**A**", 1.0),
+        ("(B) is better", 0.0),
+        ("A. It answers the question.", 1.0),
+        ("Answer: B", 0.0),
+        ("A\nbecause it is kinder", 1.0),
+        ("A tie", None),  # an article, not a verdict
+        ("A tie: both are fine", None),
+        ("A or B", None),
+        ("B is better", None),  # not a letter on its own: strict
+        ("(A) and (B) are equal", None),
+        ("Both", None),
+        ("a", None),
+        ("", None),
+    ],
+)
+def test_verdicts_are_read_strictly(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+def test_an_unreadable_reply_is_a_counted_abstention(endpoint):
+    judge = OpenAIJudge(endpoint, "m")
+    _Endpoint.answer = "A tie"
+    assert judge.prefer(["q", "q"], ["first", "x"], ["second", "y"]) == [0.5, 0.5] and judge.unparsed == 2
+    # win_rate reports the abstentions of its own calls (both orders), not the judge's running total
+    for _ in range(2):
+        rep = win_rate(judge, ["q"], ["policy answer"], ["reference answer"])
+        assert rep["unparsed"] == 2 and rep["ties"] == 1 and rep["win_rate"] == 0.5
+    _Endpoint.answer = "A"  # position bias: whatever is shown first wins, so each prompt is a tie
+    rep = win_rate(judge, ["q"], ["policy answer"], ["reference answer"])
+    assert rep["unparsed"] == 0 and rep["ties"] == 1

@@ -12,8 +12,9 @@ _SPECIALS = ["<pad>", "<s>", "</s>"]
 _MERGES = [("Ġ", "A"), ("Ġ", "B"), ("Ċ", "Ċ"), ("Ġ", "t"), ("h", "e"), ("Ġ", "a"), ("i", "n")]
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def tiny_tokenizer(add_bos: bool = False):
+    """The byte-level tokenizer; with ``add_bos`` it prepends <s> to every text, as Llama-style tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -25,6 +26,10 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_MERGES)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=1_000_000
     )
@@ -54,3 +59,45 @@ def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval(), tokenizer
+
+
+def scripted_model(
+    vocab_size: int, next_token: dict[int, int | list[int]], eos_token_id=None, hidden: int = 64
+):
+    """A Llama whose continuation is scripted: after token t it predicts ``next_token[t]`` (a list: each of
+    those equally likely, every other token with probability ~0).
+
+    One decoder block whose attention and MLP outputs are zero, so the residual stream is the current token's
+    embedding alone (a bigram model). Each scripted token t gets its own embedding axis k, and the output rows
+    of next_token[t] read that axis with a large weight; every other logit is 0. ``eos_token_id`` (an id or
+    a list, like a real checkpoint's generation config) says where generate() stops by default.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if len(next_token) > hidden:
+        raise ValueError(f"{len(next_token)} scripted tokens need hidden >= {len(next_token)}, got {hidden}")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        for k, (token, nxt) in enumerate(next_token.items()):
+            model.model.embed_tokens.weight[token, k] = 1.0
+            for n in nxt if isinstance(nxt, list) else [nxt]:
+                model.lm_head.weight[n, k] = 100.0
+    model.generation_config.eos_token_id = eos_token_id
+    return model.eval()

@@ -13,6 +13,7 @@ from ..data import ClientData
 from ..federated.client import TrainReply
 from ..models.adapters import AdapterState, adapter_state, load_adapter_state
 from .dpo import encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
+from .generation import stop_token_ids
 
 POLICY = "policy"  # the policy's adapter slot
 
@@ -55,6 +56,7 @@ class PolicyClient:
                 human_pairs(self.data.train),
                 rl.generation,
                 max_response_tokens=rl.generation.max_new_tokens,
+                stops=stop_token_ids(model, self.tokenizer),  # a reply ends as the policy's replies do
             )
             if not self._prefs:
                 raise ValueError(f"client {self.name!r} has no hard-labelled training pairs")

@@ -3,8 +3,13 @@
 We own the loop rather than run trl's DPOTrainer (benchmarks/phase2_cost.py measures both) for three reasons:
 the reference log-probabilities are computed once per pair up front (the reference never changes, so each
 step runs one forward pass instead of two); the full-vocabulary logits are computed only at response tokens,
-not over the prompt; and texts are tokenised once. The loss is the paper's (sigmoid) or IPO, on summed
-log-probabilities of the response tokens, and is tested against values computed by hand.
+not over the prompt; and texts are tokenised once. The loss is the paper's (sigmoid, on summed
+log-probabilities of the response tokens) or IPO (on their average per token, as in Azar et al. and trl), and
+is tested against values computed by hand.
+
+A candidate the policy sampled is scored on the very token ids it sampled, stop token included (decoding and
+re-tokenising can change them: a leading space, a different split). The policy's forward pass runs without
+dropout, like the reference's (trl's disable_dropout): otherwise the log-ratios start as noise, not as zero.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DPOConfig, GenerationConfig
-from .generation import prompt_ids, render_prompt
+from .generation import encode_prompts, reply_end_id
 
 
 @dataclass(slots=True)
 class EncodedPreference:
     prompt: list[int]
-    chosen: list[int]  # ends with EOS: the policy learns where to stop too
+    chosen: list[int]  # ends with the stop token when the reply ended: the policy learns where to stop too
     rejected: list[int]
 
 
@@ -38,34 +43,43 @@ class DPOResult:
 
 
 def encode_preferences(
-    tokenizer, pairs, gen: GenerationConfig, max_response_tokens: int | None = None
+    tokenizer,
+    pairs,
+    gen: GenerationConfig,
+    max_response_tokens: int | None = None,
+    stops: list[int] | None = None,
 ) -> list[EncodedPreference]:
-    """Prompt (rendered as the policy saw it) and both responses as token ids, each text tokenised once.
+    """Prompt (as the policy saw it) and both responses as token ids.
 
-    ``pairs`` are objects with .prompt, .chosen, .rejected (labelled candidates or human pairs)."""
+    ``pairs`` are objects with .prompt, .chosen, .rejected (labelled candidates or human pairs). A response
+    that carries the ids the policy sampled (.chosen_ids / .rejected_ids) is used as it is; a text (a human
+    answer) is tokenised once, cut at the limit, and a complete one ends with the token that ends a reply
+    (reply_end_id: the chat template's end of turn among ``stops``, the model's stop tokens)."""
     if not pairs:
         return []
     limit = max_response_tokens or gen.max_new_tokens
-    prompts = tokenizer(
-        [render_prompt(tokenizer, p.prompt, gen.chat_template) for p in pairs], add_special_tokens=False
-    ).input_ids
-    chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False).input_ids
-    rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False).input_ids
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = reply_end_id(tokenizer, gen.chat_template, stops)
+    prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], gen)
 
-    def end(ids: list[int], finished: bool) -> list[int]:
-        # EOS only where the text really ended: a reply cut at the limit must not teach the policy to stop there
-        return ids + eos if finished and len(ids) <= limit else ids[:limit]
+    def responses(side: str) -> list[list[int]]:
+        sampled = [getattr(p, f"{side}_ids", None) for p in pairs]
+        texts = [getattr(p, side) for p, ids in zip(pairs, sampled, strict=True) if ids is None]
+        encoded = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+        out = []
+        for p, ids in zip(pairs, sampled, strict=True):
+            if ids is not None:
+                out.append(list(ids))
+                continue
+            ids = next(encoded)
+            # the end token only where the text really ended: a reply cut at the limit must not teach the
+            # policy to stop there
+            finished = getattr(p, f"{side}_finished", True) and len(ids) <= limit and end is not None
+            out.append(ids + [end] if finished else ids[:limit])
+        return out
 
     return [
-        EncodedPreference(
-            # an empty prompt becomes the start token: the context generation sampled the reply after, and a
-            # position for the first response token to be predicted from
-            prompt_ids(tokenizer, pr, gen.max_prompt_length),
-            end(c, getattr(p, "chosen_finished", True)),
-            end(r, getattr(p, "rejected_finished", True)),
-        )
-        for pr, c, r, p in zip(prompts, chosen, rejected, pairs, strict=True)
+        EncodedPreference(pr, c, r)
+        for pr, c, r in zip(prompts, responses("chosen"), responses("rejected"), strict=True)
     ]
 
 
@@ -120,7 +134,9 @@ def dpo_loss(
     """(per-pair loss, chosen reward, rejected reward); rewards are beta * (policy - reference) log-ratios.
 
     sigmoid (Rafailov et al.): -log sigmoid(beta * (dc - dr)); IPO (Azar et al.): (dc - dr - 1/(2 beta))^2,
-    with dc, dr the policy-minus-reference log-ratios of the chosen and rejected responses.
+    with dc, dr the policy-minus-reference log-ratios of the chosen and rejected responses. The inputs are
+    what the loss is defined on: summed log-probabilities for sigmoid, per-token averages for IPO
+    (loss_inputs gives both).
     """
     dc, dr = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     if kind == "sigmoid":
@@ -130,6 +146,20 @@ def dpo_loss(
     else:
         raise ValueError(f"unknown DPO loss {kind!r}: use sigmoid or ipo")
     return loss, beta * dc.detach(), beta * dr.detach()
+
+
+def loss_inputs(kind: str, batch: list[EncodedPreference], *logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Summed log-probabilities (policy chosen, policy rejected, reference chosen, reference rejected) as the
+    loss ``kind`` wants them. IPO's target margin 1/(2 beta) is in units of the average log-probability per
+    token (Azar et al.; trl's loss_type="ipo"): on sums it would ask longer replies for a smaller per-token
+    change. Sigmoid DPO uses the sums."""
+    if kind != "ipo":
+        return logps
+    device = logps[0].device
+    chosen = torch.tensor([len(p.chosen) for p in batch], device=device, dtype=logps[0].dtype)
+    rejected = torch.tensor([len(p.rejected) for p in batch], device=device, dtype=logps[0].dtype)
+    pc, pr, rc, rr = logps
+    return pc / chosen, pr / rejected, rc / chosen, rr / rejected
 
 
 @torch.no_grad()
@@ -205,7 +235,9 @@ def train_dpo(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     batches = epoch_batches(len(prefs), cfg.batch_size, torch.Generator().manual_seed(seed))
     was_training = model.training
-    model.train()
+    # DPO runs without dropout (LoRA's or the base's), like the reference pass and trl's disable_dropout: the
+    # policy/reference log-ratio then starts at exactly zero instead of as dropout noise. SFT keeps it.
+    model.train(sft)
     start, losses, hits, margins, history = time.perf_counter(), [], [], [], []
     window = {"loss": [], "margin": [], "acc": [], "chosen": [], "rejected": []}
     try:
@@ -222,7 +254,8 @@ def train_dpo(
                 else:
                     pc, pr = pair_logps(model, batch, pad_id)
                     r = ref[idx].to(pc.device)
-                    per_pair, chosen_r, rejected_r = dpo_loss(pc, pr, r[:, 0], r[:, 1], cfg.beta, cfg.loss)
+                    logps = loss_inputs(cfg.loss, batch, pc, pr, r[:, 0], r[:, 1])
+                    per_pair, chosen_r, rejected_r = dpo_loss(*logps, cfg.beta, cfg.loss)
                     loss = per_pair.mean()
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum

@@ -16,6 +16,7 @@ from .judges import Judge
 def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: list[str]) -> dict:
     if not prompts:
         raise ValueError("no prompts to judge")
+    abstained = getattr(judge, "unparsed", 0)  # the judge counts over its lifetime; report this call's
     shown_first = judge.prefer(prompts, answers, reference)  # P(policy better), policy shown first
     shown_second = judge.prefer(prompts, reference, answers)  # P(reference better), policy shown second
     scores, wins, losses, ties, identical = [], 0, 0, 0, 0
@@ -56,7 +57,8 @@ def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: li
         "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
         "averaged_win_rate": sum(soft) / n,
-        "unparsed": getattr(judge, "unparsed", 0),  # judge replies with no verdict (scored 0.5)
+        # judge replies with no verdict, over both orders (each scored 0.5: a tie unless the other order decides)
+        "unparsed": getattr(judge, "unparsed", 0) - abstained,
     }
 
 

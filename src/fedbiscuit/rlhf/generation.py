@@ -1,8 +1,12 @@
 """The policy samples candidate answers; results are cached on disk under what produced them.
 
 The cache key is made from the weights themselves (a hash of every parameter the generation uses: the base
-model and the active adapter, if any), the prompts and the sampling parameters, so a retrained adapter or a
-different base model can never be served a stale file that merely shares a name.
+model and the active adapter, if any), the prompts, the sampling parameters and the stop tokens, so a retrained
+adapter or a different base model can never be served a stale file that merely shares a name.
+
+A reply ends at any of the model's own stop tokens (its generation config's eos_token_id, often a list on chat
+models: <|im_end|>, <|eot_id|>, <end_of_turn>), not only at the tokenizer's EOS. The sampled token ids are kept
+beside the decoded text: DPO scores exactly those tokens, stop token included.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import GenerationConfig
 from ..runs import atomic_write_text
+from ..selector.encoding import adds_bos
 
 _TURNS = re.compile(r"\n\n(Human|Assistant):\s?")
 
@@ -27,10 +32,12 @@ _TURNS = re.compile(r"\n\n(Human|Assistant):\s?")
 class Candidates:
     prompts: list[str]
     texts: list[list[str]]  # texts[i][j]: candidate j for prompt i
-    new_tokens: list[list[int]]  # tokens generated for each candidate (length tracking)
+    new_tokens: list[list[int]]  # each candidate's length in tokens, without its stop token
     key: str = ""
     from_cache: bool = False
-    finished: list[list[bool]] | None = None  # ended with EOS (not cut at max_new_tokens)
+    finished: list[list[bool]] | None = None  # ended with a stop token (not cut at max_new_tokens)
+    # tokens[i][j]: the ids sampled for candidate j of prompt i, ending with the stop token when finished
+    tokens: list[list[list[int]]] | None = None
 
     def is_finished(self, i: int, j: int) -> bool:
         return True if self.finished is None else self.finished[i][j]
@@ -62,12 +69,68 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     return prompt
 
 
-def prompt_ids(tokenizer, ids: list[int], max_length: int) -> list[int]:
-    """The context the policy answers after: the prompt's latest ``max_length`` tokens, or for an empty prompt
-    the start token (BOS, else EOS). Generation and DPO both use this, so the reply DPO scores is scored after
-    the same context it was sampled from (an all-padding row would leave generation nothing to attend to)."""
+def prompt_ids(tokenizer, ids: list[int], max_length: int, head: list[int] | None = None) -> list[int]:
+    """The context the policy answers after: ``head`` (the BOS a plain prompt starts with, if any) and the
+    prompt's latest tokens, ``max_length`` in all; for an empty prompt the start token (BOS, else EOS). An
+    all-padding row would leave generation nothing to attend to."""
+    head = head or []
+    kept = head + ids[max(0, len(ids) - (max_length - len(head))) :]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return ids[-max_length:] or [start]
+    return kept or [start]
+
+
+def encode_prompts(tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[list[int]]:
+    """Prompts as the policy sees them, as token ids. Generation and DPO both use this, so a reply is scored
+    after the very context it was sampled from.
+
+    A chat template writes its own start tokens, so its text is tokenised as it is; a plain prompt gets the
+    BOS the tokenizer itself would add (Llama-style tokenizers do, SmolLM2's does not), as the selector's
+    encoder does: a model trained with BOS first reads a prompt without it as out of distribution."""
+    templated = bool(cfg.chat_template and getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(
+        [render_prompt(tokenizer, p, cfg.chat_template) for p in prompts], add_special_tokens=False
+    )
+    head = [tokenizer.bos_token_id] if not templated and adds_bos(tokenizer) else []
+    return [prompt_ids(tokenizer, x, cfg.max_prompt_length, head) for x in ids.input_ids]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a reply: the model's generation config's eos_token_id (an id or a list; chat models
+    end a turn with <|im_end|>, <|eot_id|>, <end_of_turn>, which the tokenizer's EOS often is not), then the
+    tokenizer's EOS. generate() would otherwise run past the end of the turn and invent the next ones."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids.append(tokenizer.eos_token_id)
+    out = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not out:
+        raise ValueError(
+            "neither the model's generation_config.eos_token_id nor the tokenizer's eos_token is set"
+        )
+    return out
+
+
+_SENTINEL = "FEDBISCUIT_REPLY_END_PROBE"
+
+
+def reply_end_id(tokenizer, chat_template: bool, stops: list[int] | None = None) -> int | None:
+    """The token a complete reply given as text (a human-written answer) ends with, so DPO and SFT teach the
+    stop token the policy really emits: with a chat template, the first of ``stops`` that the template writes
+    right after an assistant message (<|im_end|>, <|eot_id|>, <end_of_turn>); otherwise the first of
+    ``stops`` (from stop_token_ids; default: the tokenizer's EOS)."""
+    stops = stops or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 (a template may refuse this conversation: fall back to the stops)
+            text = ""
+        if _SENTINEL in text:
+            tail = tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False).input_ids
+            found = [t for t in tail if t in stops]
+            if found:
+                return found[0]
+    return stops[0] if stops else None
 
 
 def weights_fingerprint(model, adapter: str | None) -> str:
@@ -81,7 +144,14 @@ def weights_fingerprint(model, adapter: str | None) -> str:
     return h.hexdigest()
 
 
-def cache_key(fingerprint: str, prompts: list[str], cfg: GenerationConfig, seed: int, n: int) -> str:
+def cache_key(
+    fingerprint: str,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    seed: int,
+    n: int,
+    stops: list[int] | None = None,
+) -> str:
     payload = json.dumps(
         {
             "weights": fingerprint,
@@ -89,10 +159,23 @@ def cache_key(fingerprint: str, prompts: list[str], cfg: GenerationConfig, seed:
             "sampling": cfg.model_dump(mode="json"),
             "seed": seed,
             "n": n,
+            "stops": list(stops or []),
+            "format": 2,  # 2: the files keep the sampled token ids
         },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> tuple[list[int], int, bool]:
+    """(the sampled ids up to and including the first stop token, the reply's length without it, finished).
+
+    Everything after a stop token is padding. A row without one ran to max_new_tokens and every id in it was
+    sampled, so none is dropped (not even one equal to the padding id)."""
+    stop = next((k for k, t in enumerate(ids) if t in stops), None)
+    if stop is None:
+        return ids, len(ids), False
+    return ids[: stop + 1], stop, True
 
 
 @torch.no_grad()
@@ -116,22 +199,29 @@ def sample(
         raise ValueError(f"the model has no adapter named {adapter!r}")
     if greedy and n != 1:
         raise ValueError("greedy decoding gives one answer per prompt: use n=1")
+    stops = stop_token_ids(model, tokenizer)
     key = ""
     if cache_dir is not None:
         fp = weights_fingerprint(model, adapter)
-        key = cache_key(fp, prompts, cfg, seed, n) + ("-greedy" if greedy else "")
+        key = cache_key(fp, prompts, cfg, seed, n, stops) + ("-greedy" if greedy else "")
         path = Path(cache_dir) / f"{key}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             return Candidates(
-                data["prompts"], data["texts"], data["new_tokens"], key, True, data.get("finished")
+                data["prompts"],
+                data["texts"],
+                data["new_tokens"],
+                key,
+                True,
+                data["finished"],
+                data["tokens"],
             )
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts, lengths, finished = [], [], []
+    texts, lengths, finished, tokens = [], [], [], []
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=quiet, leave=False)
     ctx = model.disable_adapter() if adapter is None and hasattr(model, "disable_adapter") else nullcontext()
     try:
@@ -140,9 +230,7 @@ def sample(
         with ctx:
             for start in range(0, len(prompts), cfg.batch_size):
                 chunk = prompts[start : start + cfg.batch_size]
-                rendered = [render_prompt(tokenizer, p, cfg.chat_template) for p in chunk]
-                ids = tokenizer(rendered, add_special_tokens=False).input_ids
-                ids = [prompt_ids(tokenizer, x, cfg.max_prompt_length) for x in ids]
+                ids = encode_prompts(tokenizer, chunk, cfg)
                 width = max(len(x) for x in ids)
                 # left padding: every row's answer starts at the same column
                 input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -161,31 +249,32 @@ def sample(
                     max_new_tokens=cfg.max_new_tokens,
                     num_return_sequences=n,
                     pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                 )
                 new = out[:, width:].cpu()
                 for i in range(len(chunk)):
-                    row, row_len, row_done = [], [], []
-                    for j in range(n):
-                        toks = new[i * n + j].tolist()
-                        done = tokenizer.eos_token_id in toks
-                        if done:
-                            toks = toks[: toks.index(tokenizer.eos_token_id)]
-                        while toks and toks[-1] == pad_id:
-                            toks.pop()
-                        row.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
-                        row_len.append(len(toks))
-                        row_done.append(done)
-                    texts.append(row)
-                    lengths.append(row_len)
-                    finished.append(row_done)
+                    rows = [cut_at_stop(new[i * n + j].tolist(), stops) for j in range(n)]
+                    # the text (for selectors and judges) drops the stop token and surrounding whitespace;
+                    # the ids keep exactly what was sampled
+                    texts.append(
+                        [tokenizer.decode(r[:k], skip_special_tokens=True).strip() for r, k, _ in rows]
+                    )
+                    lengths.append([k for _, k, _ in rows])
+                    finished.append([done for _, _, done in rows])
+                    tokens.append([r for r, _, _ in rows])
                 bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
-    result = Candidates(list(prompts), texts, lengths, key, False, finished)
+    result = Candidates(list(prompts), texts, lengths, key, False, finished, tokens)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        payload = {"prompts": result.prompts, "texts": texts, "new_tokens": lengths, "finished": finished}
+        payload = {
+            "prompts": result.prompts,
+            "texts": texts,
+            "new_tokens": lengths,
+            "finished": finished,
+            "tokens": tokens,
+        }
         atomic_write_text(Path(cache_dir) / f"{key}.json", json.dumps(payload))
     return result

@@ -3,7 +3,8 @@
 - SelectorJudge: a selector adapter on a causal LM (one trained on data the policy never saw), or the bare
   model prompted with the comparison template (the "local Hugging Face judge");
 - VoteJudge: the K phase-1 selectors' majority vote (what labels the DPO pairs and picks best-of-n);
-- OpenAIJudge: any OpenAI-compatible chat endpoint, asked for a single letter.
+- OpenAIJudge: any OpenAI-compatible chat endpoint, asked for a single letter, and read strictly: a reply
+  that does not give exactly one of the two letters as its verdict is an abstention (0.5), counted.
 Callers show both orders themselves (see evaluation.py) so every judge's position bias cancels.
 """
 
@@ -114,11 +115,25 @@ JUDGE_PROMPT = (
 )
 
 
-_VERDICT = re.compile(r"\b([AB])\b")
+# The verdict letter must open the reply (after markdown, quotes or brackets, and an optional "Answer:") and
+# stand alone: followed by the end, a line break or punctuation ("B", "**A**", "(B) is better", "A. Because",
+# "Answer: B"). A letter followed by a space and a word is a sentence ("A tie", "A or B", "A matter of taste"):
+# no verdict. So is a reply that names both letters on their own.
+_VERDICT = re.compile(r"^[\s*_`\"'(\[]*(?:Answer\s*:?[\s*_`\"'(\[]*)?([AB])(?!\w)(?![ \t]+\w)")
+_LETTER = re.compile(r"(?<!\w)([AB])(?!\w)")
+
+
+def parse_verdict(text: str) -> float | None:
+    """1.0 for A, 0.0 for B, None when the reply gives no single, unambiguous verdict (an abstention)."""
+    found = _VERDICT.match(text)
+    if found is None or len(set(_LETTER.findall(text))) > 1:
+        return None
+    return 1.0 if found.group(1) == "A" else 0.0
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible /chat/completions endpoint; the reply's first standalone A or B is the verdict."""
+    """An OpenAI-compatible /chat/completions endpoint; the verdict is read by parse_verdict, and a reply it
+    cannot read is an abstention: scored 0.5 and counted in ``unparsed`` (win_rate reports its own calls')."""
 
     def __init__(
         self,
@@ -138,7 +153,7 @@ class OpenAIJudge:
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
         self.name = f"openai:{model}"
-        self.unparsed, self.retries = 0, retries  # unparsed: replies with no A/B, scored 0.5 and reported
+        self.unparsed, self.retries = 0, retries  # unparsed: abstentions (no single A/B verdict)
 
     def _ask(self, prompt: str, a: str, b: str) -> float:
         body = json.dumps(
@@ -187,11 +202,11 @@ class OpenAIJudge:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise JudgeError(f"judge endpoint {self.url} returned no choices[0].message.content") from None
-        verdict = _VERDICT.search(text)  # the first standalone capital A or B: "B", "**A**", "(B)", "A."
-        if verdict:
-            return 1.0 if verdict.group(1) == "A" else 0.0
-        self.unparsed += 1
-        return 0.5
+        verdict = parse_verdict(text)
+        if verdict is None:
+            self.unparsed += 1
+            return 0.5
+        return verdict
 
     def prefer(self, prompts, first, second) -> list[float]:
         return [self._ask(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]

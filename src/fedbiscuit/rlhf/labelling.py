@@ -4,6 +4,7 @@ Each selector gives P(first candidate better) (averaged over both presentation o
 A selector votes for the candidate it gives more than 0.5; the majority wins, ties in the count are broken by
 the mean probability, and a pair whose mean is exactly 0.5 is undecided and skipped (counted). Whichever
 candidate wins becomes `chosen`: a pair the first candidate won is kept exactly like one the second won.
+Each labelled pair carries the token ids the policy sampled for both candidates, which DPO scores.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class PreferencePair:
     first_won: bool  # candidate i (of the pair i < j) was preferred
     votes: list[float]  # every selector's P(first better)
     unanimous: bool
-    chosen_finished: bool = True  # the candidate ended with EOS rather than at the length limit
+    chosen_finished: bool = True  # the candidate ended with a stop token rather than at the length limit
     rejected_finished: bool = True
+    chosen_ids: list[int] | None = None  # the ids the policy sampled (None: tokenise the text)
+    rejected_ids: list[int] | None = None
 
 
 @dataclass
@@ -57,14 +60,21 @@ class LabelReport:
 def candidate_pairs(candidates: Candidates) -> tuple[list[Comparison], int]:
     """Every unordered pair (i < j) of each prompt's candidates as a Comparison (label unused), and how many
     pairs were skipped because the two texts are identical."""
-    out, identical = [], 0
-    for prompt, texts in zip(candidates.prompts, candidates.texts, strict=True):
+    out, _, identical = _indexed_pairs(candidates)
+    return out, identical
+
+
+def _indexed_pairs(candidates: Candidates) -> tuple[list[Comparison], list[tuple[int, int, int]], int]:
+    """candidate_pairs, plus where each pair came from: (prompt index, i, j)."""
+    out, where, identical = [], [], 0
+    for k, (prompt, texts) in enumerate(zip(candidates.prompts, candidates.texts, strict=True)):
         for i, j in combinations(range(len(texts)), 2):
             if texts[i] == texts[j]:
                 identical += 1
                 continue
             out.append(Comparison(prompt, texts[i], texts[j], 0.5, "policy", "candidates"))
-    return out, identical
+            where.append((k, i, j))
+    return out, where, identical
 
 
 def vote(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +120,7 @@ def label_candidates(
     """Label every candidate pair with a majority vote of ``selectors`` (loaded in turn into adapter ``slot``)."""
     if not selectors:
         raise ValueError("no selectors to label the candidates with")
-    comparisons, identical = candidate_pairs(candidates)
+    comparisons, where, identical = _indexed_pairs(candidates)
     if not comparisons:
         return LabelReport([], identical=identical)
     encoded = encoder.encode(comparisons)  # tokenised once, scored by every selector
@@ -120,27 +130,30 @@ def label_candidates(
     first, decided = vote(probs)
     hard = probs > 0.5
     unanimous = (hard == hard[0]).all(0) & (probs != 0.5).all(0)
-    done = {
-        (prompt, text): candidates.is_finished(i, j)
-        for i, (prompt, texts) in enumerate(zip(candidates.prompts, candidates.texts, strict=True))
-        for j, text in enumerate(texts)
-    }
+    tokens = candidates.tokens
+
+    def ids(prompt: int, j: int) -> list[int] | None:
+        return None if tokens is None else tokens[prompt][j]
+
     pairs = []
-    for k, comp in enumerate(comparisons):
+    for k, (comp, (prompt, i, j)) in enumerate(zip(comparisons, where, strict=True)):
         if not decided[k]:
             continue
         won = bool(first[k])
-        chosen, rejected = (comp.response_a, comp.response_b) if won else (comp.response_b, comp.response_a)
+        chosen, rejected = (i, j) if won else (j, i)
+        texts = candidates.texts[prompt]
         pairs.append(
             PreferencePair(
                 comp.prompt,
-                chosen,
-                rejected,
+                texts[chosen],
+                texts[rejected],
                 won,
                 probs[:, k].tolist(),
                 bool(unanimous[k]),
-                done[(comp.prompt, chosen)],
-                done[(comp.prompt, rejected)],
+                candidates.is_finished(prompt, chosen),
+                candidates.is_finished(prompt, rejected),
+                ids(prompt, chosen),
+                ids(prompt, rejected),
             )
         )
     kept = decided.sum().item()

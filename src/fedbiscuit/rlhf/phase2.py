@@ -32,7 +32,7 @@ from ..selector import build_encoder
 from .baselines import POLICY, PolicyClient
 from .dpo import DPOResult, dpo_steps, encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
 from .evaluation import knockout, win_rate
-from .generation import sample
+from .generation import sample, stop_token_ids
 from .judges import OpenAIJudge, SelectorJudge, VoteJudge
 from .labelling import label_candidates
 
@@ -267,7 +267,9 @@ class Phase2:
     def _dpo(self, pairs, optimizer, iteration: int, step0: int):
         ws, rl = self.ws, self.rl
         t = time.perf_counter()
-        prefs = encode_preferences(ws.tokenizer, pairs, rl.generation)
+        prefs = encode_preferences(
+            ws.tokenizer, pairs, rl.generation, stops=stop_token_ids(ws.model, ws.tokenizer)
+        )
         ref = reference_logps(ws.model, prefs, self.pad_id, batch_size=rl.dpo.batch_size)
         self._timed("reference", t)
         t = time.perf_counter()

@@ -42,7 +42,7 @@ class PairEncoder:
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = tokenizer(list(template.pieces), add_special_tokens=False).input_ids
-        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         self.pieces = (bos + ids[0], ids[1], ids[2], ids[3])
         fixed = sum(len(p) for p in self.pieces)
         if fixed + 2 > max_length:
@@ -120,7 +120,7 @@ class PairEncoder:
         return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     # Llama-style tokenizers prepend BOS when adding special tokens; SmolLM2's does not. Ask rather than guess.
     if tokenizer.bos_token_id is None:
         return False
