@@ -23,13 +23,15 @@ rescoring.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from common import write_json
 
-SAME = ("seed", "data", "model", "selector", "eval")  # what must agree for two runs to share test pairs
+SAME = ("seed", "data", "model", "selector", "eval")  # what a workspace is opened from
 UNTRAINED = "untrained"
 
 
@@ -94,10 +96,41 @@ def run_correct(ws, run: str, untrained: dict):
         )
         mine = torch.tensor([c == name for c in chosen])
         p_ab[mine], p_ba[mine] = ab[mine], ba[mine]
-    decided = [p for p in pairs if p.label != 0.5]
+    # the texts behind the token ids: test_pairs() encodes all_test() in this order
+    texts = [t for members in ws.data.all_test().values() for t in members]
+    decided = [(p, t) for p, t in zip(pairs, texts, strict=True) if p.label != 0.5]
     correct = pair_correct(pairs, p_ab, p_ba)
-    subsets = [p.client.split("#")[0] for p in decided]
-    return ckpt, logged, correct, subsets
+    outcomes, seen = {}, Counter()
+    for (p, t), c in zip(decided, correct, strict=True):
+        key = pair_key(t)
+        seen[key] += 1  # a pair repeated in the data is told apart by its occurrence
+        outcomes[f"{key}:{seen[key]}"] = (float(c), p.client.split("#")[0])
+    return ckpt, logged, outcomes
+
+
+def pair_key(pair) -> str:
+    """A test pair's identity by content: two runs may partition and order the same pairs differently
+    (a centralized run's clients are the subsets, a federated run's their parts)."""
+    text = "\0".join([pair.prompt, pair.response_a, pair.response_b, repr(pair.label)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def aligned(a: dict, b: dict, names: tuple[str, str]):
+    """(a's outcomes, b's outcomes, subsets) on the same test pairs in one order, or exit saying how they differ."""
+    import torch
+
+    only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
+    if only_a or only_b:
+        sys.exit(
+            f"{names[0]} and {names[1]} are not judged on the same test pairs: {len(only_a)} pairs only in the "
+            f"first, {len(only_b)} only in the second ({len(a.keys() & b.keys())} shared)"
+        )
+    keys = sorted(a)
+    return (
+        torch.tensor([a[k][0] for k in keys]),
+        torch.tensor([b[k][0] for k in keys]),
+        [a[k][1] for k in keys],
+    )
 
 
 def compare(a, b, subsets: list[str], seed: int = 0) -> dict:
@@ -143,62 +176,58 @@ def main() -> None:
     from fedbiscuit.pipeline import SELECTOR, open_workspace
 
     results, diffs, subsets_all, poolable = [], [], None, True
-    # one workspace per set of test pairs, and each run scored once, however many comparisons name it
-    workspaces: dict[str, tuple] = {}
-    outcomes: dict[tuple[str, str], tuple] = {}
+    # Each run is scored in a workspace opened with its own config (its own partition of the data), once
+    # however many comparisons name it; the comparison then pairs the outcomes by test pair content, so a
+    # centralized run and a federated one on the same test pairs compare directly.
+    workspace: dict[str, tuple] = {}
+    outcomes: dict[str, tuple] = {}
     for base, other in args.compare:
         runs = [base, other]
         folders = [Path(r) for r in runs if r != UNTRAINED]
         if not folders:
             sys.exit("compare needs at least one run folder")
-        cfgs = [load_config(f / "config.yaml", []) for f in folders]
-        shared = [c.model_dump(include=set(SAME)) for c in (cfgs[0], cfgs[-1])]
-        differ = [k for k in SAME if shared[0][k] != shared[1][k]]
-        if differ:
-            named = ", ".join(repr(k) for k in differ)
-            sys.exit(f"{runs[0]} and {runs[1]} differ in {named}: they are not judged on the same pairs")
-        key = json.dumps(shared[0], sort_keys=True, default=str)
-        if key not in workspaces:
-            workspaces.clear()  # one model in memory at a time
-            ws = open_workspace(cfgs[0], quiet=False)
-            workspaces[key] = (ws, adapter_state(ws.model, SELECTOR))  # the fresh adapter, before any load
-        ws, untrained = workspaces[key]
-        scored = []
         for run in runs:
-            if (key, run) not in outcomes:
-                outcomes[key, run] = run_correct(ws, run, untrained)
-            ckpt, logged, correct, subsets = outcomes[key, run]
+            if run in outcomes:
+                continue
+            cfg = load_config((Path(run) if run != UNTRAINED else folders[0]) / "config.yaml", [])
+            key = json.dumps(cfg.model_dump(include=set(SAME), mode="json"), sort_keys=True)
+            if key not in workspace:
+                workspace.clear()  # one model in memory at a time
+                ws = open_workspace(cfg, quiet=False)
+                workspace[key] = (ws, adapter_state(ws.model, SELECTOR))  # the fresh adapter, before any load
+            ws, untrained = workspace[key]
+            outcomes[run] = run_correct(ws, run, untrained)
+            ckpt, logged, got = outcomes[run]
+            agreement = sum(v for v, _ in got.values()) / len(got)
             print(
-                f"{run}: {Path(str(ckpt)).name}, agreement {100 * float(correct.mean()):.2f}%"
+                f"{run}: {Path(str(ckpt)).name}, agreement {100 * agreement:.2f}% on {len(got)} pairs"
                 f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
             )
-            scored.append(
-                {
-                    "run": str(run),
-                    "checkpoint": str(ckpt),
-                    "agreement": float(correct.mean()),
-                    "logged": logged,
-                    "correct": correct,
-                    "subsets": subsets,
-                }
-            )
-        if scored[0]["subsets"] != scored[1]["subsets"]:
-            sys.exit(f"{base} and {other}: the test pairs differ")
-        poolable = poolable and (subsets_all is None or subsets_all == scored[0]["subsets"])
-        subsets_all = scored[0]["subsets"]
-        c = compare(scored[0]["correct"], scored[1]["correct"], subsets_all)
+        a, b, subsets = aligned(outcomes[base][2], outcomes[other][2], (base, other))
+        scored = [
+            {
+                "run": str(r),
+                "checkpoint": str(outcomes[r][0]),
+                "agreement": float(x.mean()),
+                "logged": outcomes[r][1],
+            }
+            for r, x in ((base, a), (other, b))
+        ]
+        poolable = poolable and (subsets_all is None or subsets_all == subsets)
+        subsets_all = subsets
+        c = compare(a, b, subsets_all)
         print(f"{other} against {base}:")
         for k, v in c.items():
             print(f"  {k:28s} {fmt(v)}")
-        diffs.append((scored[0]["correct"], scored[1]["correct"]))
+        diffs.append((a, b))
         results.append(
             {
                 "baseline": base,
                 "other": other,
                 "comparison": c,
-                "runs": [{k: v for k, v in s.items() if k not in ("correct", "subsets")} for s in scored],
-                # per test pair (in evaluation order), so any other paired statistic can be computed later
-                "outcomes": {"subsets": subsets_all, **{s["run"]: s["correct"].tolist() for s in scored}},
+                "runs": scored,
+                # per test pair (sorted by pair key), so any other paired statistic can be computed later
+                "outcomes": {"subsets": subsets_all, str(base): a.tolist(), str(other): b.tolist()},
             }
         )
     out = {"comparisons": results}

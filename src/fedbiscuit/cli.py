@@ -120,6 +120,12 @@ def _federated_summary(results: dict) -> None:
     if rows:
         console.print(table)
         console.print(_learned_sentence(rows, first if before else {}))
+        if results.get("paired"):
+            who = {"own": "each client's own cluster selector", "vote": "the selectors' vote"}
+            console.print(
+                f"paired on the test pairs, {who.get(results['paired']['measured_by'], 'the selector')} against "
+                f"the untrained one: " + _paired_sentence(results["paired"], "federated selectors")
+            )
     else:
         console.print("the selectors were not evaluated (no evaluation split: set data.eval_split)")
     _clusters("cluster of", results["clusters"])
@@ -340,14 +346,16 @@ def _fairness_sentence(f: dict) -> str:
     )
 
 
-def _paired_sentence(p: dict) -> str:
+def _paired_sentence(p: dict, trained: str = "the trained selector") -> str:
     lo, hi = p["ci95"]
     verdict = (
-        "the trained selector agrees with people measurably more often than the untrained one"
+        f"{trained} agree{'' if trained.endswith('s') else 's'} with people measurably more often than the "
+        "untrained one"
         if lo > 0 and p["mcnemar_p"] < 0.05
         else "the difference from the untrained selector is within noise"
         if lo <= 0 <= hi
-        else "the trained selector agrees with people measurably LESS often than the untrained one"
+        else f"{trained} agree{'' if trained.endswith('s') else 's'} with people measurably LESS often than the "
+        "untrained one"
     )
     return (
         f"[bold]{verdict}[/]: {100 * p['before']:.1f}% -> {100 * p['after']:.1f}% on the same {p['n']} test pairs, "

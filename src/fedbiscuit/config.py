@@ -380,8 +380,10 @@ class FlowerConfig(_Section):
 
 class FederatedConfig(_Section):
     # fedbis: one selector, FedAvg. fedbiscuit: K clustered selectors. centralized: one client holding all
-    # data (baseline). local: every client trains its own selector, nothing is averaged (baseline).
-    algorithm: Literal["fedbis", "fedbiscuit", "centralized", "local"] = "fedbis"
+    # data (baseline). local: every client trains its own selector, nothing is averaged (baseline). oracle: one
+    # selector per known group of raters (a client's natural id, its name before '#'), trained federated within
+    # its group from round 0: the ceiling of what FedBiscuit's grouping can find (baseline).
+    algorithm: Literal["fedbis", "fedbiscuit", "centralized", "local", "oracle"] = "fedbis"
     rounds: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=4, ge=1)
     local_steps: int = Field(default=3, ge=1)

@@ -321,7 +321,7 @@ def start_state(cfg: RunConfig, run: RunDir, model, algorithm, resume: bool, dat
         return state, True
     if resume:
         run.truncate_metrics(-1)  # nothing was checkpointed: start the log afresh
-    state = ServerState(0, initial_selectors(model, algorithm.selectors, cfg))
+    state = ServerState(0, initial_selectors(model, algorithm.selectors, cfg), algorithm.initial_clusters())
     run.log({"event": "data", "round": -1, **data_event})
     return state, False
 
@@ -339,6 +339,9 @@ def federated_summary(run: RunDir, state) -> dict:
         for reason in r["rejected"].values()
     )
     last = {kind: next((r for r in reversed(records) if r["event"] == kind), None) for kind in POPULATIONS}
+    paired = None
+    if len(evals) > 1 and evals[0]["round"] == 0:
+        paired = trained_against_untrained(evals[0], evals[-1])
     return {
         "run_dir": str(run.path),
         "rounds": state.round,
@@ -346,5 +349,21 @@ def federated_summary(run: RunDir, state) -> dict:
         "faults": dict(faults),
         "final": evals[-1] if evals else None,
         "first": evals[0] if evals else None,
+        "paired": paired,
         **last,
     }
+
+
+def trained_against_untrained(untrained: dict, final: dict) -> dict | None:
+    """The paired test of a federated run: its headline selector(s) at the end (each client's own cluster's, else
+    the vote, else the one selector) against the untrained selectors of round 0, on the same test pairs. The
+    untrained selectors are all the base model (LoRA starts as a no-op), so the first of them is the untrained
+    one; not their vote, whose hard votes turn a position-biased selector's every pair into a tie."""
+    from .report import headline_report
+    from .selector.metrics import paired_outcomes
+
+    start, end = next(iter(untrained.get("selectors", {}).values()), None), headline_report(final)
+    if not (start and end and "outcomes" in start and "outcomes" in end[1]):
+        return None  # a local baseline, or an evaluation logged before outcomes were kept
+    paired = paired_outcomes(start["outcomes"], end[1]["outcomes"])
+    return {**paired, "measured_by": end[0]} if paired else None

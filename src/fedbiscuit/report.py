@@ -101,6 +101,9 @@ def summarize(run_dir: Path) -> dict:
     return {
         "name": Path(run_dir).name,
         "curve": [(x, y) for x, y, _, _ in curve if x is not None],
+        "band": [
+            (x, *(o.get("ci95") or (float("nan"), float("nan")))) for x, _, _, o in curve if x is not None
+        ],
         "final": last,
         "first": curve[0] if curve else None,
         "groupings": groupings,
@@ -262,39 +265,80 @@ def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _agreement_plot(runs: list[dict], path: Path) -> None:
+    """Agreement over rounds from the untrained start, each point's 95% interval as a band, the untrained
+    figure and chance as reference lines, whole-number round ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        if not run["curve"]:
+            continue
+        xs, ys = zip(*run["curve"], strict=True)
+        (line,) = ax.plot(
+            xs, [100 * y if y is not None else float("nan") for y in ys], marker="o", label=run["name"]
+        )
+        _, lo, hi = zip(*run["band"], strict=True)
+        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.15)
+        if xs[0] == 0 and len(xs) > 1:  # the untrained selector, as a line to read the gain against
+            ax.axhline(100 * ys[0], color=line.get_color(), lw=0.8, ls=":")
+            ax.annotate(
+                f"untrained {100 * ys[0]:.1f}%", (xs[-1], 100 * ys[0]), fontsize=7, ha="right", va="bottom"
+            )
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.annotate("chance", (ax.get_xlim()[0], 50), fontsize=7, va="bottom")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(
+        xlabel="round (0: untrained)",
+        ylabel="agreement with human labels (%)",
+        title="selector agreement on the evaluation split (band: 95% interval)",
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _clusters_plot(clustered: list[dict], path: Path) -> None:
+    """Each client's cluster at each grouping, a legend naming the selector of each colour, and under each
+    grouping round how many clients the scores decided (margin beyond 2 standard errors) and the median z."""
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, len(clustered), figsize=(4 + 3 * len(clustered), 5), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, run in zip(axes[0], clustered, strict=True):
+        clients = sorted(run["groupings"][0]["assignment"])
+        selectors = sorted({s for g in run["groupings"] for s in g["assignment"].values()})
+        grid = [[selectors.index(g["assignment"][c]) for g in run["groupings"]] for c in clients]
+        ax.imshow(grid, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.set_yticks(range(len(clients)), clients, fontsize=7)
+        ticks = []
+        for g in run["groupings"]:
+            if "decided" in g:
+                ticks.append(f"{g['round']}\n{g['decided']}/{len(g['losses'])}\nz {g['median_z']:.1f}")
+            else:  # a run logged before margins were recorded
+                ticks.append(str(g["round"]))
+        ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)
+        ax.set(
+            xlabel="grouping round / clients decided / median z",
+            title=f"{run['name']}: cluster of each client",
+        )
+        ax.legend(
+            handles=[Patch(color=cmap(i), label=s) for i, s in enumerate(selectors)],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
+    _save(fig, path)
+
+
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [summarize(Path(d)) for d in run_dirs]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        if run["curve"]:
-            xs, ys = zip(*run["curve"], strict=True)
-            ax.plot(
-                xs, [100 * y if y is not None else float("nan") for y in ys], marker="o", label=run["name"]
-            )
-    ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.set(
-        xlabel="round",
-        ylabel="agreement with human labels (%)",
-        title="selector agreement on the evaluation split",
-    )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    _save(fig, out_dir / "agreement.png")
-
+    _agreement_plot(runs, out_dir / "agreement.png")
     clustered = [r for r in runs if r["groupings"]]
     if clustered:
-        fig, axes = plt.subplots(1, len(clustered), figsize=(4 + 3 * len(clustered), 5), squeeze=False)
-        for ax, run in zip(axes[0], clustered, strict=True):
-            clients = sorted(run["groupings"][0]["assignment"])
-            selectors = sorted({s for g in run["groupings"] for s in g["assignment"].values()})
-            grid = [[selectors.index(g["assignment"][c]) for g in run["groupings"]] for c in clients]
-            ax.imshow(grid, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-            ax.set_yticks(range(len(clients)), clients, fontsize=7)
-            ax.set_xticks(range(len(run["groupings"])), [g["round"] for g in run["groupings"]], fontsize=7)
-            ax.set(xlabel="grouping round", title=f"{run['name']}: cluster of each client")
-        _save(fig, out_dir / "clusters.png")
+        _clusters_plot(clustered, out_dir / "clusters.png")
 
     lines = [
         "# Run summary",

@@ -78,10 +78,13 @@ def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
     assert "mcnemar_p" not in pooled  # one outcome per pair is what McNemar needs; a pooled pair has two
 
 
-def test_runs_on_different_pairs_are_refused(runs):
-    done = _script("--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 1]))
+def test_runs_on_different_pairs_are_refused(runs, tmp_path):
+    raw = planted_run_config(tmp_path, "fewer", noise=0.1, test_pairs=12, rounds=1, clients_per_round=4)
+    raw["data"]["max_eval_pairs_per_client"] = 6
+    fewer = Path(run_federated(config_from_dict(raw), quiet=True)["run_dir"])
+    done = _script("--compare", str(runs["fedbis", 0]), str(fewer))
     assert done.returncode != 0
-    assert "differ in 'seed'" in done.stderr
+    assert "not judged on the same test pairs" in done.stderr and "48 shared" in done.stderr
 
 
 def test_untrained_against_a_centralized_run(tmp_path):
@@ -103,3 +106,15 @@ def test_untrained_against_a_centralized_run(tmp_path):
     assert untrained["agreement"] == pytest.approx(before["overall"]["agreement"], abs=1e-6)
     assert trained["agreement"] == pytest.approx(trained["logged"], abs=1e-6)
     assert comp["comparison"]["overall"]["n"] == 4 * 6
+
+    # a federated run on the same test pairs, with other data and eval settings, pairs with it by content
+    fed = planted_run_config(tmp_path, "fed", test_pairs=6, clients=4, rounds=2)
+    fed["data"]["heldout_fraction"] = 0.2
+    fed_run = Path(run_federated(config_from_dict(fed), quiet=True)["run_dir"])
+    done = _script("--compare", str(run), str(fed_run), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (comp,) = json.loads(out.read_text())["comparisons"]
+    central, federated = comp["runs"]
+    assert comp["comparison"]["overall"]["n"] == 4 * 6
+    assert central["agreement"] == pytest.approx(trained["agreement"], abs=1e-6)
+    assert federated["agreement"] == pytest.approx(federated["logged"], abs=1e-6)

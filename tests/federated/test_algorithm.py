@@ -30,6 +30,18 @@ def test_warmup_trains_selectors_in_turn_then_clusters():
     assert len(plan) == 2 and all(sel == state.clusters[c] for c, sel in plan.items())
 
 
+def test_the_oracle_trains_one_selector_per_known_group_from_round_0():
+    clients = ["harmless-base#0", "harmless-base#1", "helpful-base#0", "helpful-base#1", "solo"]
+    oracle = Algorithm(FederatedConfig(algorithm="oracle", clients_per_round=3), clients, 0)
+    assert oracle.selectors == ["harmless-base", "helpful-base", "solo"] and not oracle.regroup_due(0)
+    clusters = oracle.initial_clusters()
+    assert clusters == {c: c.split("#")[0] for c in clients}
+    for r in range(5):
+        assert all(sel == clusters[c] for c, sel in oracle.plan(ServerState(r, {}, clusters), r).items())
+    fedbis = Algorithm(FederatedConfig(algorithm="fedbis"), clients, 0)
+    assert fedbis.initial_clusters() == {}
+
+
 def test_local_and_fedbis_selectors():
     local = Algorithm(FederatedConfig(algorithm="local", clients_per_round=3), ["a", "b", "c", "d"], 0)
     assert local.selectors == ["a", "b", "c", "d"]

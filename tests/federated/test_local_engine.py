@@ -150,6 +150,21 @@ def test_planted_groups_are_recovered(tmp_path):
     assert len(set(found)) == 2
 
 
+def test_the_oracle_baseline_serves_each_planted_group_with_its_own_selector(tmp_path):
+    raw = make_cfg(tmp_path, "oracle", algorithm="oracle", rounds=6, clients_per_round=4, local_steps=3)
+    raw["data"]["partition"] = {"method": "natural", "split_each": 2}
+    summary = run_federated(config_from_dict(raw), quiet=True)
+    state = _final(Path(summary["run_dir"]))
+    groups = {c.split("#")[0] for c in state.clusters}
+    assert set(state.selectors) == groups and len(groups) >= 2
+    assert all(sel == c.split("#")[0] for c, sel in state.clusters.items())
+    records = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    trained = [(c["client"], c["selector"]) for r in records if r["event"] == "round" for c in r["clients"]]
+    assert trained and all(sel == client.split("#")[0] for client, sel in trained)
+    final = [r for r in records if r["event"] == "eval"][-1]
+    assert final["own"]["overall"]["agreement"] >= 0.8  # each group's selector learns its planted preference
+
+
 def test_baselines_run_through_the_engine(tmp_path):
     local = run_federated(
         config_from_dict(make_cfg(tmp_path, "local", algorithm="local", rounds=2)), quiet=True
@@ -421,3 +436,32 @@ def test_a_client_with_no_training_pairs_is_skipped_and_named_in_the_metrics(tmp
     assert data["dropped"] == {"held-out pairs of clients with no training pairs": 1}
     assert any(n.endswith("client-lonely") for n in data["notes"])
     assert result["rounds"] == 1
+
+
+def test_a_federated_run_is_paired_against_its_untrained_selectors(tmp_path):
+    """The summary's paired test: the final own-cluster selectors against round 0's untrained ones, on the same
+    test pairs, from the per-pair outcomes each evaluation logs."""
+    raw = make_cfg(
+        tmp_path,
+        "paired",
+        algorithm="fedbiscuit",
+        rounds=6,
+        clients_per_round=4,
+        local_steps=3,
+        eval_every=6,
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+    )
+    raw["eval"]["before_training"] = True
+    summary = run_federated(config_from_dict(raw), quiet=True)
+    first, final, paired = summary["first"], summary["final"], summary["paired"]
+    assert first["round"] == 0 and final["round"] == 6 and paired["measured_by"] == "own"
+    assert paired["before"] == pytest.approx(
+        first["selectors"]["selector-0"]["overall"]["agreement"], abs=1e-6
+    )
+    assert paired["after"] == pytest.approx(final["own"]["overall"]["agreement"], abs=1e-6)
+    assert paired["n"] == final["own"]["overall"]["n"]
+    assert paired["difference"] > 0.2 and paired["ci95"][0] > 0 and paired["mcnemar_p"] < 0.05
+    no_start = run_federated(
+        config_from_dict({**raw, "name": "nostart", "eval": {"before_training": False}}), quiet=True
+    )
+    assert no_start["paired"] is None

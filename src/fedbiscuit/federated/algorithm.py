@@ -3,6 +3,8 @@
 Every algorithm is a set of named selectors plus a rule for which selector a sampled client trains:
 - fedbis / centralized: one selector, everyone trains it (centralized has a single client holding all data);
 - local: one selector per client, never averaged;
+- oracle: one selector per known group of raters (the client's natural id, its name before '#'), trained within
+  that group from round 0: FedBiscuit's clusters as they would be if the grouping always found the groups;
 - fedbiscuit: K selectors; warm-up trains selector r // W in round r; from round K*W on, every G rounds the
   clients are regrouped into K balanced clusters and each trains its cluster's selector.
 """
@@ -39,6 +41,9 @@ class Algorithm:
             self.grouping_start = fb.num_selectors * fb.warmup_rounds
         elif cfg.algorithm == "local":
             self.selectors = list(self.clients)
+        elif cfg.algorithm == "oracle":
+            self.groups = {c: c.split("#", 1)[0] for c in self.clients}
+            self.selectors = sorted(set(self.groups.values()))
         else:
             self.selectors = ["selector-0"]
 
@@ -57,11 +62,17 @@ class Algorithm:
         algo = self.cfg.algorithm
         if algo == "local":
             return {c: c for c in chosen}
+        if algo == "oracle":
+            return {c: self.groups[c] for c in chosen}
         if algo == "fedbiscuit":
             if round_ < self.grouping_start:
                 return {c: self.selectors[round_ // self.cfg.fedbiscuit.warmup_rounds] for c in chosen}
             return {c: state.clusters[c] for c in chosen}
         return {c: self.selectors[0] for c in chosen}
+
+    def initial_clusters(self) -> dict[str, str]:
+        """Client -> its selector before any grouping: the known groups for the oracle, else none."""
+        return dict(self.groups) if self.cfg.algorithm == "oracle" else {}
 
     def warming_up(self, round_: int) -> bool:
         return self.cfg.algorithm == "fedbiscuit" and round_ < self.grouping_start

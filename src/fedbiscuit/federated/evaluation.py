@@ -6,7 +6,7 @@ import torch
 
 from ..models.adapters import AdapterState, load_adapter_state
 from ..selector.encoding import EncodedPair
-from ..selector.metrics import MIN_CLIENT_PAIRS, agreement_report
+from ..selector.metrics import MIN_CLIENT_PAIRS, agreement_report, pair_outcomes
 from ..selector.training import score_pairs
 from .client import WORK_ADAPTER
 
@@ -49,6 +49,13 @@ def own_report(parts: list[Scored], min_client_pairs: int = MIN_CLIENT_PAIRS) ->
     return agreement_report(*concat(parts), min_client_pairs)
 
 
+def is_base_model(state: AdapterState) -> bool:
+    """True for a LoRA adapter whose every B matrix is zero (as peft initialises it): it adds nothing, so every
+    such selector scores exactly as the base model does (round 0's untrained selectors)."""
+    b = [t for k, t in state.items() if "lora_B" in k]
+    return bool(b) and all(not t.any() for t in b)
+
+
 @torch.no_grad()
 def evaluate_selectors(
     model,
@@ -78,15 +85,23 @@ def evaluate_selectors(
     pairs = [p for members in tests.values() for p in members]
     scores = {}
     for name, state in selectors.items():
-        _, p_ab, p_ba = score_state(model, encoder, choice_ids, state, pairs, batch_size)
-        scores[name] = (p_ab, p_ba)
+        untouched = next((n for n in scores if is_base_model(selectors[n]) and is_base_model(state)), None)
+        if untouched is not None:  # a LoRA whose B is zero is the base model: the same scores, not recomputed
+            scores[name] = scores[untouched]
+        else:
+            _, p_ab, p_ba = score_state(model, encoder, choice_ids, state, pairs, batch_size)
+            scores[name] = (p_ab, p_ba)
         out["selectors"][name] = agreement_report(pairs, *scores[name], min_client_pairs)
+        # per test pair (None: a tie), in one order for every evaluation of the run: the paired test against
+        # the untrained selectors (pipeline.federated_summary) reads these
+        out["selectors"][name]["outcomes"] = pair_outcomes(pairs, *scores[name])
     if len(selectors) > 1:
         # each order's probabilities are voted separately so per-order figures stay comparable
         names = list(selectors)
         vote_ab = majority_vote(torch.stack([scores[n][0] for n in names]))
         vote_ba = majority_vote(torch.stack([scores[n][1] for n in names]))
         out["vote"] = agreement_report(pairs, vote_ab, vote_ba, min_client_pairs)
+        out["vote"]["outcomes"] = pair_outcomes(pairs, vote_ab, vote_ba)
         # each client's test pairs judged by its own cluster's selector (clients that have a cluster only:
         # with IID/Dirichlet partitions the test pairs are grouped by natural id and have none)
         owned = [i for i, p in enumerate(pairs) if p.client in (clusters or {})]
@@ -94,4 +109,6 @@ def evaluate_selectors(
             own_ab = torch.stack([scores[clusters[pairs[i].client]][0][i] for i in owned])
             own_ba = torch.stack([scores[clusters[pairs[i].client]][1][i] for i in owned])
             out["own"] = agreement_report([pairs[i] for i in owned], own_ab, own_ba, min_client_pairs)
+            judged = dict(zip(owned, pair_outcomes([pairs[i] for i in owned], own_ab, own_ba), strict=True))
+            out["own"]["outcomes"] = [judged.get(i) for i in range(len(pairs))]
     return out

@@ -125,6 +125,24 @@ def pair_correct(pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.Tenso
     return score[labels != 0.5]
 
 
+def pair_outcomes(
+    pairs: list[EncodedPair], p_ab: torch.Tensor, p_ba: torch.Tensor | None
+) -> list[float | None]:
+    """pair_correct for every pair in order, None for a tie (no label to agree with): what an evaluation logs
+    so that two evaluations of a run can be compared pair by pair later (federated runs' paired test)."""
+    decided = iter(pair_correct(pairs, p_ab, p_ba).tolist())
+    return [None if p.label == 0.5 else next(decided) for p in pairs]
+
+
+def paired_outcomes(before: list[float | None], after: list[float | None], seed: int = 0) -> dict | None:
+    """paired_comparison on the pairs both lists judged (not None), or None if they share none."""
+    both = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
+    if not both:
+        return None
+    b, a = (torch.tensor(x, dtype=torch.float32) for x in zip(*both, strict=True))
+    return paired_comparison(b, a, seed=seed)
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sensible near 0 and 1, unlike the normal approximation)."""
     if n == 0:
