@@ -561,6 +561,11 @@ class RunConfig(_Section):
                 f"train.schedule / train.warmup_steps set the selectors' rate; rlhf.method={self.rlhf.method!r} "
                 "trains no selector (its policy follows rlhf.dpo): leave them at constant / 0"
             )
+        if self.pipeline != "centralized" and self.eval.heldout_every is not None:
+            raise ValueError(
+                f"eval.heldout_every={self.eval.heldout_every} draws a centralized run's held-out learning curve; "
+                "a federated run evaluates every federated.eval_every rounds: leave it unset"
+            )
         named = ["epochs"] if t.epochs is not None else []
         named += ["steps"] if t.steps not in (None, TrainConfig.model_fields["steps"].default) else []
         if self.pipeline != "centralized" and named:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM ARM   (two arms side by side: a0 a1 a2 a4 a6; each writes runs/issue18/<name>/)
+# Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
+# name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
+# Homogeneous raters: helpful-base in 4 clients, all 4 each round, 31 rounds x 4 local steps x 8 pairs
+# (3,968 pairs shown; the centralized helpful-base run shows 500 x 8 = 4,000). One thread per run, two at once.
+cd "$(dirname "$0")/.."
+export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1
+common=("data.subsets=[helpful-base]" federated.clients_per_round=4 federated.local_steps=4 federated.rounds=31
+        federated.eval_every=31 federated.checkpoint_every=31 train.lr=1e-3 output_dir=runs/issue18)
+cos=(train.schedule=cosine train.warmup_steps=12)
+run() { local name=$1; shift; mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbis.yaml name=$name "${common[@]}" "$@" --quiet --overwrite > runs/issue18/$name.log 2>&1; echo "$name done $(date +%T)" >> runs/issue18/arms.done; }
+arm() {
+  case $1 in
+    a0) run hb_a0_avg ;;
+    a1) run hb_a1_cos "${cos[@]}" ;;
+    a2) run hb_a2_avgm "${cos[@]}" federated.server_optimizer.name=avgm federated.server_optimizer.momentum=0.9 ;;
+    a6) run hb_a6_avgm75 "${cos[@]}" federated.server_optimizer.name=avgm federated.server_optimizer.momentum=0.75 ;;
+    a4) run hb_a4_keepopt "${cos[@]}" federated.reset_optimizer=false ;;
+  esac
+}
+arm $1 & arm $2 & wait
