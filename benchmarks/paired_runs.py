@@ -186,32 +186,34 @@ def main() -> None:
         folders = [Path(r) for r in runs if r != UNTRAINED]
         if not folders:
             sys.exit("compare needs at least one run folder")
-        for run in runs:
-            if run in outcomes:
-                continue
+        for i, run in enumerate(runs):
             cfg = load_config((Path(run) if run != UNTRAINED else folders[0]) / "config.yaml", [])
             key = json.dumps(cfg.model_dump(include=set(SAME), mode="json"), sort_keys=True)
+            if run == UNTRAINED:  # the untrained selector of the other run's model: one per workspace
+                run = runs[i] = f"{UNTRAINED}@{key}"
+            if run in outcomes:
+                continue
             if key not in workspace:
                 workspace.clear()  # one model in memory at a time
                 ws = open_workspace(cfg, quiet=False)
                 workspace[key] = (ws, adapter_state(ws.model, SELECTOR))  # the fresh adapter, before any load
             ws, untrained = workspace[key]
-            outcomes[run] = run_correct(ws, run, untrained)
+            outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
             ckpt, logged, got = outcomes[run]
             agreement = sum(v for v, _ in got.values()) / len(got)
             print(
-                f"{run}: {Path(str(ckpt)).name}, agreement {100 * agreement:.2f}% on {len(got)} pairs"
+                f"{run.split('@')[0]}: {Path(str(ckpt)).name}, agreement {100 * agreement:.2f}% on {len(got)} pairs"
                 f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
             )
-        a, b, subsets = aligned(outcomes[base][2], outcomes[other][2], (base, other))
+        a, b, subsets = aligned(outcomes[runs[0]][2], outcomes[runs[1]][2], (base, other))
         scored = [
             {
-                "run": str(r),
+                "run": name,
                 "checkpoint": str(outcomes[r][0]),
                 "agreement": float(x.mean()),
                 "logged": outcomes[r][1],
             }
-            for r, x in ((base, a), (other, b))
+            for name, r, x in ((base, runs[0], a), (other, runs[1], b))
         ]
         poolable = poolable and (subsets_all is None or subsets_all == subsets)
         subsets_all = subsets

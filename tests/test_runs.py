@@ -19,3 +19,32 @@ def test_deterministic_runs_fix_the_kernels_before_any_work(tmp_path, monkeypatc
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_resume_may_extend_the_rounds_unless_a_schedule_decays_over_them(tmp_path):
+    import pytest
+
+    from fedbiscuit.config import config_from_dict
+    from fedbiscuit.runs import RunExistsError
+
+    def cfg(rounds, schedule):
+        raw = {"name": "r", "output_dir": str(tmp_path), "pipeline": "federated"}
+        return config_from_dict({**raw, "federated": {"rounds": rounds}, "train": {"schedule": schedule}})
+
+    for schedule in ("constant", "cosine"):
+        RunDir(cfg(10, schedule), overwrite=True).close()
+        if schedule == "constant":
+            RunDir(cfg(20, schedule), resume=True).close()  # a longer run computes the same first rounds
+        else:  # the cosine over 10 x local_steps would become one over 20: the finished rounds' rates change
+            with pytest.raises(RunExistsError, match=r"federated.rounds \(10 -> 20\)"):
+                RunDir(cfg(20, schedule), resume=True)
+
+
+def test_the_oracle_needs_groups_of_clients():
+    import pytest
+
+    from fedbiscuit.config import FederatedConfig
+    from fedbiscuit.federated.algorithm import Algorithm
+
+    with pytest.raises(ValueError, match=r"every client is its own group"):
+        Algorithm(FederatedConfig(algorithm="oracle"), ["a", "b", "c"], 0)

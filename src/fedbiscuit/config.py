@@ -288,7 +288,10 @@ class ServerOptimizerConfig(_Section):
     """
 
     name: Literal["avg", "avgm", "adam", "yogi"] = "avg"
-    lr: float = Field(default=1.0, gt=0)
+    # avg / avgm: a multiple of the mean change (default 1). adam / yogi: a distance per round in parameter
+    # units, with no default that fits every run: about the clients' train.lr x local_steps (Flower's defaults,
+    # 0.1 and 0.01, move LoRA weights of order 0.01 by far more than a round's change).
+    lr: float | None = Field(default=None, gt=0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # avgm
     betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi
     tau: float = Field(default=1e-3, gt=0)  # adam, yogi: how adaptive (smaller: closer to sign steps)
@@ -296,7 +299,19 @@ class ServerOptimizerConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, raw: Any) -> Any:
-        return {"name": raw} if isinstance(raw, str) else raw  # federated.server_optimizer=adam
+        raw = {"name": raw} if isinstance(raw, str) else raw  # federated.server_optimizer=avgm
+        if isinstance(raw, dict) and raw.get("lr") is None and raw.get("name", "avg") in ("avg", "avgm"):
+            raw = {**raw, "lr": 1.0}
+        return raw
+
+    @model_validator(mode="after")
+    def _rate(self) -> ServerOptimizerConfig:
+        if self.lr is None:
+            raise ValueError(
+                f"federated.server_optimizer.lr must be set with name={self.name!r}: it is the distance a "
+                "selector moves per round, about train.lr x local_steps (e.g. 1e-3 to 1e-2 for LoRA)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_unused_settings(self) -> ServerOptimizerConfig:
@@ -417,6 +432,16 @@ class FederatedConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _local_averages_nothing(self) -> FederatedConfig:
+        so = self.server_optimizer
+        if self.algorithm == "local" and not (so.name == "avg" and so.lr == 1.0):
+            raise ValueError(
+                f"federated.server_optimizer.name={so.name!r}: the local baseline averages nothing, so a server "
+                "optimizer would change what it measures; leave it at avg with lr 1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _min_clients(self) -> FederatedConfig:
         if self.min_clients > self.clients_per_round:
             raise ValueError(
@@ -533,6 +558,16 @@ class RunConfig(_Section):
                 f"federated.personalize_steps={self.federated.personalize_steps} personalises the selectors of a "
                 "federated run; pipeline=centralized has none to start from (for one selector trained on "
                 "everybody's pairs and then personalised, use pipeline=federated with federated.algorithm=centralized)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _server_optimizer_is_federated(self) -> RunConfig:
+        so = self.federated.server_optimizer
+        if self.pipeline == "centralized" and not (so.name == "avg" and so.lr == 1.0):
+            raise ValueError(
+                f"federated.server_optimizer.name={so.name!r} applies to federated rounds; pipeline=centralized "
+                "has none (use pipeline=federated with federated.algorithm=centralized for one client)"
             )
         return self
 

@@ -101,9 +101,7 @@ def summarize(run_dir: Path) -> dict:
     return {
         "name": Path(run_dir).name,
         "curve": [(x, y) for x, y, _, _ in curve if x is not None],
-        "band": [
-            (x, *(o.get("ci95") or (float("nan"), float("nan")))) for x, _, _, o in curve if x is not None
-        ],
+        "band": [(x, *_nan(o.get("ci95") or (None, None))) for x, _, _, o in curve if x is not None],
         "final": last,
         "first": curve[0] if curve else None,
         "groupings": groupings,
@@ -265,6 +263,11 @@ def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _nan(values) -> list[float]:
+    """Logged figures with NaN written as null (JSON has no NaN) back to floats for plotting."""
+    return [float("nan") if v is None else v for v in values]
+
+
 def _agreement_plot(runs: list[dict], path: Path) -> None:
     """Agreement over rounds from the untrained start, each point's 95% interval as a band, the untrained
     figure and chance as reference lines, whole-number round ticks."""
@@ -314,7 +317,8 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
         ticks = []
         for g in run["groupings"]:
             if "decided" in g:
-                ticks.append(f"{g['round']}\n{g['decided']}/{len(g['losses'])}\nz {g['median_z']:.1f}")
+                z = "-" if g["median_z"] is None else f"{g['median_z']:.1f}"  # no client could score: null
+                ticks.append(f"{g['round']}\n{g['decided']}/{len(g['losses'])}\nz {z}")
             else:  # a run logged before margins were recorded
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)

@@ -119,7 +119,12 @@ class RunDir:
             if not config_path.is_file():
                 raise RunExistsError(f"--resume: no run to resume in {self.path}")
             old, new = yaml.safe_load(config_path.read_text()), yaml.safe_load(text)
-            diff = sorted(d for d in _diff_keys(old, new) if d.split(" (")[0] not in RESUMABLE_CHANGES)
+            allowed = set(RESUMABLE_CHANGES)
+            if (
+                cfg.train.schedule != "constant"
+            ):  # the decay runs over rounds x local_steps: its length is fixed
+                allowed.discard("federated.rounds")
+            diff = sorted(d for d in _diff_keys(old, new) if d.split(" (")[0] not in allowed)
             if diff:
                 raise RunExistsError(
                     f"--resume: the configuration differs from the run in {self.path}: {', '.join(diff)} "

@@ -248,7 +248,12 @@ SCHEDULE = {"schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1}
 
 @pytest.mark.parametrize(
     ("reset", "server", "schedule"),
-    [(True, {}, {}), (False, {}, {}), (True, ADAPTIVE, SCHEDULE), (True, {"server_optimizer": "yogi"}, {})],
+    [
+        (True, {}, {}),
+        (False, {}, {}),
+        (True, ADAPTIVE, SCHEDULE),
+        (True, {"server_optimizer": {"name": "yogi", "lr": 0.01}}, {}),
+    ],
 )
 def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset, server, schedule):
     raw = make_cfg(

@@ -74,21 +74,29 @@ def test_adaptive_rules_match_the_formulas(name):
 
 
 def test_server_optimizer_config_names_the_key_it_cannot_use():
-    assert ServerOptimizerConfig.model_validate("adam").name == "adam"  # federated.server_optimizer=adam
-    with pytest.raises(
-        ConfigError, match=r"server_optimizer.momentum does nothing with server_optimizer.name='adam'"
-    ):
-        config_from_dict({"federated": {"server_optimizer": {"name": "adam", "momentum": 0.5}}})
-    with pytest.raises(ConfigError, match=r"server_optimizer.tau does nothing"):
-        config_from_dict({"federated": {"server_optimizer": {"name": "avgm", "tau": 0.1}}})
-    with pytest.raises(ConfigError, match=r"federated.server_optimizer.name"):
-        config_from_dict({"federated": {"server_optimizer": "sgd"}})
-    with pytest.raises(ConfigError, match=r"server_optimizer.lr"):
-        config_from_dict({"federated": {"server_optimizer": {"name": "adam", "lr": 0}}})
+    assert ServerOptimizerConfig.model_validate("avgm").lr == 1.0  # federated.server_optimizer=avgm
+    fed = {"pipeline": "federated"}
+
+    def refused(server, match):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({**fed, "federated": {"server_optimizer": server}})
+
+    refused(
+        {"name": "adam", "lr": 0.01, "momentum": 0.5}, r"server_optimizer.momentum does nothing with .*'adam'"
+    )
+    refused({"name": "avgm", "tau": 0.1}, r"server_optimizer.tau does nothing")
+    refused("sgd", r"federated.server_optimizer.name")
+    refused({"name": "adam", "lr": 0}, r"server_optimizer.lr")
+    # adam and yogi move by lr per round in parameter units: no default fits, so it must be given
+    refused("yogi", r"server_optimizer.lr must be set with name='yogi'")
+    with pytest.raises(ConfigError, match=r"the local baseline averages nothing"):
+        config_from_dict({**fed, "federated": {"algorithm": "local", "server_optimizer": "avgm"}})
+    with pytest.raises(ConfigError, match=r"pipeline=centralized has none"):
+        config_from_dict({"federated": {"server_optimizer": "avgm"}})
 
 
 def test_the_checkpoint_keeps_the_server_optimizer_state(tmp_path):
-    cfg = ServerOptimizerConfig(name="yogi")
+    cfg = ServerOptimizerConfig(name="yogi", lr=0.01)
     x = {"layer.lora_A.weight": torch.randn(2, 3), "layer.lora_B.weight": torch.randn(3, 2)}
     target = {k: v + 0.01 for k, v in x.items()}
     new, opt = server_step(cfg, x, target, {})

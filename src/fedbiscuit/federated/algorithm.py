@@ -44,6 +44,12 @@ class Algorithm:
         elif cfg.algorithm == "oracle":
             self.groups = {c: c.split("#", 1)[0] for c in self.clients}
             self.selectors = sorted(set(self.groups.values()))
+            if len(self.selectors) == len(self.clients):
+                raise ValueError(
+                    "federated.algorithm=oracle groups clients by their natural id (the name before '#'), but every "
+                    "client is its own group, which is the local baseline: use partition.method=natural with "
+                    "partition.split_each > 1"
+                )
         else:
             self.selectors = ["selector-0"]
 

@@ -190,7 +190,7 @@ class FlowerTransport:
             client: self._message(m.score_content(self.config_json, selectors, round_), node, m.SCORE)
             for client, node in self.node_of.items()
         }
-        out: dict[str, dict[str, float] | str] = {}
+        out: dict[str, ScoreReply | str] = {}
         for client, reply in self._exchange(requests, "score", round_).items():
             if isinstance(reply, str):
                 self._suspect(client)
