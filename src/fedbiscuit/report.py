@@ -29,12 +29,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def headline_report(eval_record: dict) -> tuple[str, dict] | None:
     """The report that answers "how well does this run's selector serve a client": the client's own
-    (cluster's) selector where there is one, else the vote, else the single selector."""
+    (cluster's) selector where there is one, else the vote, else the single selector; at round 0 (before
+    training) the untrained selector."""
     if "own" in eval_record:
         return "own", eval_record["own"]
+    selectors = eval_record.get("selectors") or {}
+    if eval_record.get("round") == 0 and selectors:
+        # before any round every selector is the base model (LoRA starts as a no-op): the untrained selector
+        # is any one of them, not their vote, whose hard votes turn a position-biased selector's pairs to ties
+        return next(iter(selectors.items()))
     if "vote" in eval_record:
         return "vote", eval_record["vote"]
-    selectors = eval_record.get("selectors") or {}
     if len(selectors) == 1:
         return next(iter(selectors.items()))
     if "overall" in eval_record:  # centralized pipeline
