@@ -304,6 +304,11 @@ class ServerOptimizerConfig(_Section):
             raw = {**raw, "lr": 1.0}
         return raw
 
+    @property
+    def plain(self) -> bool:
+        """Plain FedAvg: the aggregate is the new selector as it is, with nothing to compute or keep."""
+        return self.name == "avg" and self.lr == 1.0
+
     @model_validator(mode="after")
     def _rate(self) -> ServerOptimizerConfig:
         if self.lr is None:
@@ -434,7 +439,7 @@ class FederatedConfig(_Section):
     @model_validator(mode="after")
     def _local_averages_nothing(self) -> FederatedConfig:
         so = self.server_optimizer
-        if self.algorithm == "local" and not (so.name == "avg" and so.lr == 1.0):
+        if self.algorithm == "local" and not so.plain:
             raise ValueError(
                 f"federated.server_optimizer.name={so.name!r}: the local baseline averages nothing, so a server "
                 "optimizer would change what it measures; leave it at avg with lr 1"
@@ -564,7 +569,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _server_optimizer_is_federated(self) -> RunConfig:
         so = self.federated.server_optimizer
-        if self.pipeline == "centralized" and not (so.name == "avg" and so.lr == 1.0):
+        if self.pipeline == "centralized" and not so.plain:
             raise ValueError(
                 f"federated.server_optimizer.name={so.name!r} applies to federated rounds; pipeline=centralized "
                 "has none (use pipeline=federated with federated.algorithm=centralized for one client)"

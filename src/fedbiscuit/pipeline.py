@@ -362,8 +362,8 @@ def trained_against_untrained(untrained: dict, final: dict) -> dict | None:
     from .report import headline_report
     from .selector.metrics import paired_outcomes
 
-    start, end = next(iter(untrained.get("selectors", {}).values()), None), headline_report(final)
-    if not (start and end and "outcomes" in start and "outcomes" in end[1]):
+    start, end = headline_report(untrained), headline_report(final)  # round 0's is the untrained selector
+    if not (start and end and "outcomes" in start[1] and "outcomes" in end[1]):
         return None  # a local baseline, or an evaluation logged before outcomes were kept
-    paired = paired_outcomes(start["outcomes"], end[1]["outcomes"])
+    paired = paired_outcomes(start[1]["outcomes"], end[1]["outcomes"])
     return {**paired, "measured_by": end[0]} if paired else None

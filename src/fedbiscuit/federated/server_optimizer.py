@@ -27,16 +27,11 @@ from ..models.adapters import AdapterState
 OptimizerState = dict[str, torch.Tensor]
 
 
-def plain(cfg: ServerOptimizerConfig) -> bool:
-    """The target is the new selector as it is (FedAvg): nothing to compute, nothing to keep."""
-    return cfg.name == "avg" and cfg.lr == 1.0
-
-
 def server_step(
     cfg: ServerOptimizerConfig, x: AdapterState, target: AdapterState, state: OptimizerState
 ) -> tuple[AdapterState, OptimizerState]:
     """(the selector's new adapter, its new optimizer state) after one round whose aggregate is ``target``."""
-    if plain(cfg):
+    if cfg.plain:
         return target, state
     t = int(state["step"]) + 1 if "step" in state else 1
     new_state: OptimizerState = {"step": torch.tensor(t, dtype=torch.int64)}
