@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/fedbis_homogeneous.sh ARM ARM   (two arms side by side: a0 a1 a2 a4 a6; each writes runs/issue18/<name>/)
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 c0;
+# each writes runs/issue18/<name>/)
 # Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
 # name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
 # Homogeneous raters: helpful-base in 4 clients, all 4 each round, 31 rounds x 4 local steps x 8 pairs
@@ -17,6 +18,14 @@ arm() {
     a2) run hb_a2_avgm "${cos[@]}" federated.server_optimizer.name=avgm federated.server_optimizer.momentum=0.9 ;;
     a6) run hb_a6_avgm75 "${cos[@]}" federated.server_optimizer.name=avgm federated.server_optimizer.momentum=0.75 ;;
     a4) run hb_a4_keepopt "${cos[@]}" federated.reset_optimizer=false ;;
+    # as many sequential steps as the centralized run at the same pairs shown: each client takes 4x the steps
+    # on a quarter of the batch, so a round's 4 clients together see 8 pairs per step, as one central step does
+    a7) run hb_a7_seq train.batch_size=2 federated.local_steps=16 ;;
+    a8) run hb_a8_seq_cos train.batch_size=2 federated.local_steps=16 train.schedule=cosine train.warmup_steps=50 ;;
+    # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
+    c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central \
+          "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central.log 2>&1
+        echo "hb_central done $(date +%T)" >> runs/issue18/arms.done ;;
   esac
 }
-arm $1 & arm $2 & wait
+arm $1 & { [ -n "${2:-}" ] && arm $2; } & wait

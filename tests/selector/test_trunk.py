@@ -82,6 +82,9 @@ def test_cached_logits_and_gradients_equal_the_full_forward(tmp_path):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
     assert any(g.abs().max() > 1e-4 for g in grads[0].values())  # the comparison is not of zeros
+    with torch.no_grad():  # one order only (scoring without the swap): no second pass
+        one, _ = cached.logits(model, pairs, False, choice)
+        torch.testing.assert_close(one, full.logits(model, pairs, False, choice)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_store_is_reused_and_keyed_by_content(tmp_path):

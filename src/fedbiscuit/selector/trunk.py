@@ -3,17 +3,19 @@
 With LoRA in the last N decoder blocks only (``model.lora.top_layers``), everything below block L-N is the
 frozen base model: its output for a given sequence never changes. A client computes it once per pair, keeps
 it on its own disk, and from then on training, held-out scoring, evaluation and labelling run only the top N
-blocks, the final norm and the two answer rows of the output layer.
+blocks (the last one's MLP only at the answer position), the final norm and the two answer rows of the
+output layer.
 
 The two presentation orders share every token before the first response (template head, prompt, "Reply A:"),
-so that prefix runs once, its keys and values are reused for both suffixes, and it is stored once: a pair
-costs (prefix + 2 suffixes) positions, not 2 x (prefix + suffix).
+so that prefix runs once, in the trunk and in the top blocks alike: the (a, b) order runs whole and the (b, a)
+order's suffix runs on the keys and values its prefix left in the cache. A pair costs (prefix + 2 suffixes)
+positions, not 2 x (prefix + suffix), and its prefix is stored once.
 
 The store is content-addressed: a folder per (frozen weights, template, truncation, split point, dtype), an
 entry per pair keyed by a hash of its token ids after truncation. It serves every later run on the same data,
 centralized or federated, any seed. One append-only data file, read memory-mapped, and a JSON index written
-atomically; a crash mid-build loses at most the entries after the last index write, and the next build
-resumes. States never leave the client: nothing here is part of a reply.
+atomically every few seconds; a crash mid-build loses at most the entries after the last index write, and
+the next build resumes. States never leave the client: nothing here is part of a reply.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..durable import durable_write_text
 from .encoding import EncodedPair, PairEncoder, padded_width
@@ -36,6 +40,7 @@ from .prompts import Template
 from .scoring import _base, answer_logits
 
 FORMAT = 1
+COMMIT_SECONDS = 10.0
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
 
@@ -255,11 +260,11 @@ class CachedEncoder(PairEncoder):
         with self.store.writer() as out:
             missing = [k for k in missing if k not in self.store]  # another process may have built some
             # similar prefix lengths together: little padding in the trunk pass
-            missing.sort(key=lambda k: (len(keys[k].prompt), len(keys[k].a) + len(keys[k].b)))
+            missing.sort(key=lambda k: (self.length(keys[k]), len(keys[k].a) + len(keys[k].b)))
             bar = tqdm(
                 total=len(missing), desc="cache frozen blocks", unit="pair", disable=self.quiet, leave=False
             )
-            i = 0
+            i, committed = 0, time.monotonic()
             while i < len(missing):
                 j, widest = i, 0
                 while j < len(missing):
@@ -271,7 +276,11 @@ class CachedEncoder(PairEncoder):
                 batch = missing[i:j]
                 for key, states in zip(batch, self._trunk([keys[k] for k in batch]), strict=True):
                     out.add(key, *states)
-                out.commit()
+                # the index is rewritten whole on each commit: every few seconds, not every batch, or a large
+                # build spends quadratic time on it; a crash loses at most these seconds of work
+                if j == len(missing) or time.monotonic() - committed > COMMIT_SECONDS:
+                    out.commit()
+                    committed = time.monotonic()
                 bar.update(len(batch))
                 i = j
             bar.close()
@@ -280,90 +289,182 @@ class CachedEncoder(PairEncoder):
 
     @torch.no_grad()
     def _trunk(self, pairs: list[EncodedPair]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Hidden states entering block ``start``: the shared prefix once, then both suffixes on its cache."""
+        """Hidden states entering block ``start``: (prefix, suffix (a, b), suffix (b, a)) per pair.
+
+        The (a, b) sequences run whole; the (b, a) suffixes then run on the keys and values of the prefix
+        they share, left in the cache by the first pass. Prefix and two suffixes as three padded pieces would
+        pad twice and cost about what sharing saves (BENCHMARKS.md).
+        """
         model = self.model
         device = next(model.parameters()).device
         p0, p1, p2, p3 = self.pieces
         prefixes = [p0 + p.prompt + p1 for p in pairs]
-        suffixes = []
-        for p in pairs:
-            suffixes += [p.a + p2 + p.b + p3, p.b + p2 + p.a + p3]
-        pre_ids, pre_mask = self.pad(prefixes, device)
-        suf_ids, suf_mask = self.pad(suffixes, device)
-        pre_len = pre_mask.sum(1)
+        firsts = [pre + p.a + p2 + p.b + p3 for pre, p in zip(prefixes, pairs, strict=True)]
+        seconds = [p.b + p2 + p.a + p3 for p in pairs]
+        ids, mask = self.pad(firsts, device)
+        suf_ids, suf_mask = self.pad(seconds, device)
+        pre_len = torch.tensor([len(p) for p in prefixes], device=device)
+        width = int(pre_len.max())  # the suffixes need only the prefixes' keys: the rest is cropped below
+        prefix_only = (torch.arange(width, device=device)[None] < pre_len[:, None]).long()
         was_training = model.training
         model.eval()
         try:
             with _adapters_off(model), decoder_slice(model, 0, self.start, final_norm=False) as dec:
-                out = dec(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
-                cache = out.past_key_values
-                cache.batch_repeat_interleave(2)  # rows: pair 0 (a, b), pair 0 (b, a), pair 1 (a, b), ...
-                # the suffix continues each prefix right after its last real token; prefix padding is masked
-                mask = torch.cat([pre_mask.repeat_interleave(2, 0), suf_mask], dim=1)
-                positions = pre_len.repeat_interleave(2)[:, None] + torch.arange(
-                    suf_ids.shape[1], device=device
-                )
-                suf = dec(
+                out = dec(input_ids=ids, attention_mask=mask, use_cache=True)
+                out.past_key_values.crop(width - ids.shape[1])
+                second = dec(
                     input_ids=suf_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
+                    attention_mask=torch.cat([prefix_only, suf_mask], dim=1),
+                    position_ids=pre_len[:, None] + torch.arange(suf_ids.shape[1], device=device),
+                    past_key_values=out.past_key_values,
                     use_cache=True,
                 ).last_hidden_state
         finally:
             model.train(was_training)
-        pre = out.last_hidden_state
+        first = out.last_hidden_state
         result = []
-        for i in range(len(pairs)):
-            s = len(suffixes[2 * i])
-            result.append((pre[i, : len(prefixes[i])], suf[2 * i, :s], suf[2 * i + 1, :s]))
+        for i, (pre, seq) in enumerate(zip(prefixes, firsts, strict=True)):
+            s = len(seq) - len(pre)
+            result.append((first[i, : len(pre)], first[i, len(pre) : len(seq)], second[i, :s]))
         return result
 
     def _check_split(self) -> None:
-        """The split forward must equal the model's own on a short sequence, or this model is not supported."""
+        """The cached path must give the model's own answer logits on a short pair, or this model is refused."""
         pair = EncodedPair(self.pieces[0][-3:] * 2, self.pieces[1][:4], self.pieces[2][:3], 1.0, "probe")
-        ids, mask, _ = self.batch([pair], both_orders=True, device=next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        rows = (self.pieces[1][0], self.pieces[2][-1])  # any two rows of the output layer will do
         with torch.no_grad(), _adapters_off(self.model):
-            full = _base(self.model).get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            states = self._trunk([pair])
-            hidden, hmask = self._assemble([pair], states, both_orders=True, device=ids.device)
-            with decoder_slice(self.model, self.start, self.num_layers, final_norm=True) as dec:
-                split = dec(inputs_embeds=hidden, attention_mask=hmask).last_hidden_state
-        n = int(mask[0].sum())
-        err = float((split[0, :n] - full[0, :n]).float().norm() / full[0, :n].float().norm().clamp_min(1e-12))
-        tol = 1e-4 if full.dtype == torch.float32 else 3e-2
+            full, _ = PairEncoder.logits(self, self.model, [pair], True, rows, device)
+            try:
+                split = self._top_logits(self.model, self._trunk([pair]), True, rows, device)
+            except Exception as exc:  # a decoder whose blocks cannot run apart
+                raise TrunkUnsupportedError(
+                    f"selector.path=cached: {type(_base(self.model)).__name__} cannot run split at block "
+                    f"{self.start} ({type(exc).__name__}: {exc}); use selector.path=full for this model"
+                ) from exc
+        err = float((split - full).norm() / full.norm().clamp_min(1e-12))
+        tol = 1e-4 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
         if not err <= tol:
             raise TrunkUnsupportedError(
                 f"selector.path=cached: splitting {type(_base(self.model)).__name__} at block {self.start} "
-                f"changes its output (relative error {err:.2e}); use selector.path=full for this model"
+                f"changes its answer logits (relative error {err:.2e}); use selector.path=full for this model"
             )
 
     # ------------------------------------------------------------------------------------------ using
-    def _assemble(self, pairs, states, both_orders: bool, device):
-        rows = [torch.cat([pre, ab]) for pre, ab, _ in states]
-        if both_orders:
-            rows += [torch.cat([pre, ba]) for pre, _, ba in states]
-        width = padded_width(r.shape[0] for r in rows)
-        hidden = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            hidden[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
-        return hidden.to(device), mask.to(device)
-
-    def hidden_batch(self, pairs: list[EncodedPair], both_orders: bool, device=None):
-        """(trunk states [R, T, d], attention_mask, target): ``batch`` with states in place of token ids."""
+    def logits(self, model, pairs, both_orders, choice_ids, device=None):
         keys = [pair_key(p) for p in pairs]
         missing = [p for p, k in zip(pairs, keys, strict=True) if k not in self.store]
         if missing:  # pairs made by the base class's encode (or another encoder): build them now
             self.prepare(missing)
         states = [self.store.get(k) for k in keys]
-        hidden, mask = self._assemble(pairs, states, both_orders, device)
         targets = [p.label for p in pairs] + ([1.0 - p.label for p in pairs] if both_orders else [])
-        return hidden, mask, torch.tensor(targets, dtype=torch.float32, device=device)
+        target = torch.tensor(targets, dtype=torch.float32, device=device)
+        return self._top_logits(model, states, both_orders, choice_ids, device), target
 
-    def logits(self, model, pairs, both_orders, choice_ids, device=None):
-        hidden, mask, target = self.hidden_batch(pairs, both_orders, device)
-        with decoder_slice(model, self.start, self.num_layers, final_norm=True) as dec:
-            h = dec(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
-        return answer_logits(model, h, mask, choice_ids), target
+    def _top_logits(self, model, states, both_orders: bool, choice_ids, device) -> torch.Tensor:
+        """[R, 2] answer logits from trunk states, rows as ``PairEncoder.batch`` orders them.
+
+        The (a, b) rows run whole; the (b, a) rows then run only their suffix, on the keys and values of the
+        prefix the (a, b) rows left in the cache (gradients flow through them), so a pair's prefix goes
+        through the top blocks once, not twice. (Prefix and suffixes as three padded pieces would pad twice and
+        cost more than they save.) In the last block only the answer position's output is read, so its MLP,
+        most of a block's work, runs there alone. Both are exact: ``_check_split`` and the tests compare with
+        the full forward.
+        """
+        first, first_mask = _stack([torch.cat([pre, ab]) for pre, ab, _ in states], device)
+        last = first_mask.sum(1) - 1
+        with decoder_slice(model, self.start, self.num_layers, final_norm=False) as dec:
+            cache = _TopBlocksCache(_base(model).config, self.start) if both_orders else None
+            with _mlp_only_at(dec.layers[-1], _flat_index(last, first.shape[1])):
+                h = dec(
+                    inputs_embeds=first,
+                    attention_mask=first_mask,
+                    past_key_values=cache,
+                    use_cache=both_orders,
+                )
+            rows = [h.last_hidden_state[torch.arange(len(states), device=h.last_hidden_state.device), last]]
+            if both_orders:
+                suf, suf_mask = _stack([ba for _, _, ba in states], device)
+                pre_len = torch.tensor([pre.shape[0] for pre, _, _ in states], device=suf.device)
+                width = int(pre_len.max())  # the suffix needs only the prefix's keys: drop the rest
+                cache.crop(width - first.shape[1])
+                prefix_only = (torch.arange(width, device=suf.device)[None] < pre_len[:, None]).long()
+                suf_last = suf_mask.sum(1) - 1
+                with _mlp_only_at(dec.layers[-1], _flat_index(suf_last, suf.shape[1])):
+                    h = dec(
+                        inputs_embeds=suf,
+                        attention_mask=torch.cat([prefix_only, suf_mask], dim=1),
+                        position_ids=pre_len[:, None] + torch.arange(suf.shape[1], device=suf.device),
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                rows.append(h.last_hidden_state[torch.arange(len(states), device=suf.device), suf_last])
+        h = _base(model).get_decoder().norm(torch.cat(rows))
+        return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
+
+
+def _flat_index(last: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(last.shape[0], device=last.device) * width + last
+
+
+class _TopBlocksCache(DynamicCache):
+    """A DynamicCache filled by the top blocks only (layer indices from ``start``).
+
+    The decoder sizes its masks by asking the cache about layer 0 (or the first layer of a type), which the
+    top blocks never fill; those questions are answered by the first top block of the same kind.
+    """
+
+    def __init__(self, config, start: int):
+        super().__init__(config=config)
+        self.start = start
+
+    def _served_by(self, layer_idx: int) -> int:
+        if layer_idx >= self.start or layer_idx >= len(self.layers):
+            return layer_idx
+        kind = type(self.layers[layer_idx])
+        return next(
+            (i for i in range(self.start, len(self.layers)) if type(self.layers[i]) is kind), self.start
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._served_by(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._served_by(layer_idx))
+
+
+def _stack(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [R, T, d] states and their [R, T] mask."""
+    width = padded_width(r.shape[0] for r in rows)
+    hidden = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        hidden[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    return hidden.to(device), mask.to(device)
+
+
+class _AtPositions(nn.Module):
+    """A block's MLP computed only at the given flat positions of its [R, T, d] input, zeros elsewhere."""
+
+    def __init__(self, mlp: nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.mlp, self.index = mlp, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.mlp(flat[self.index])
+        return flat.new_zeros(flat.shape).index_copy(0, self.index, out).view(x.shape)
+
+
+@contextmanager
+def _mlp_only_at(layer: nn.Module, index: torch.Tensor):
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):  # a block of another shape: run it whole (still exact, only slower)
+        yield
+        return
+    layer.mlp = _AtPositions(mlp, index)
+    try:
+        yield
+    finally:
+        layer.mlp = mlp
