@@ -1,4 +1,5 @@
-"""A tiny randomly initialised Llama with a small byte-level tokenizer, for fast offline tests.
+"""Tiny randomly initialised decoders (Llama by default) with a small byte-level tokenizer, for fast offline
+tests.
 
 The tokenizer is a byte-level BPE whose vocabulary is the 256 byte symbols plus a few merges, so it encodes
 any text, " A" and " B" are single tokens as in real tokenizers, and the vocabulary stays ~270 wide.
@@ -37,12 +38,46 @@ def tiny_tokenizer(add_bos: bool = False):
     return fast
 
 
-def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
-    """(model, tokenizer): a 2-layer Llama, initialised from ``seed`` so tests are reproducible."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The decoder families of the paper's models and their neighbours, each with what makes it differ from Llama:
+# Gemma scales its embeddings by sqrt(hidden); Gemma 2 soft-caps attention and final logits and alternates
+# sliding-window and global layers; Gemma 3 alternates them with per-type rotary settings and normalises q/k;
+# Qwen2 has q/k/v biases; Mistral a sliding window; Phi-3 fused qkv and gate/up projections. The windows here
+# are shorter than test sequences, so a split that ignores them fails its test.
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "qwen2": {},
+    "mistral": {"sliding_window": 16},
+    "gemma": {"head_dim": 16},
+    "gemma2": {
+        "head_dim": 16,
+        "sliding_window": 16,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+    "gemma3_text": {"head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 16},
+    "phi3": {},
+}
 
+
+def tiny_model(
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab_size: int | None = None,
+    family: str = "llama",
+    **config,
+):
+    """(model, tokenizer): a small random decoder of ``family`` (a transformers model type, one of FAMILIES),
+    initialised from ``seed`` so tests are reproducible. Built from its config (``config`` overrides entries of
+    it): no hub access."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"tiny_model: family {family!r} is not one of {sorted(FAMILIES)}")
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -54,10 +89,11 @@ def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        **(FAMILIES[family] | config),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     return model.eval(), tokenizer
 
 

@@ -238,6 +238,11 @@ class CachedEncoder(PairEncoder):
         self.start = self.num_layers - top_layers
         self.build_tokens = build_tokens  # positions per trunk batch while building
         self.quiet = quiet
+        # The second order's suffix sits after its padded prefix, so its distance to a prefix key is off by that
+        # padding; a sliding window shorter than the sequences would then cut at the wrong keys. Such models
+        # run both orders whole (exact; the trunk build about 20% slower).
+        window = sliding_window(_base(model).config)
+        self.share_prefix = window is None or window >= max_length
         self._check_split()
         identity = trunk_identity(model, self.start, self.pieces, max_length)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
@@ -295,6 +300,8 @@ class CachedEncoder(PairEncoder):
         they share, left in the cache by the first pass. Prefix and two suffixes as three padded pieces would
         pad twice and cost about what sharing saves (BENCHMARKS.md).
         """
+        if not self.share_prefix:
+            return self._trunk_whole(pairs)
         model = self.model
         device = next(model.parameters()).device
         p0, p1, p2, p3 = self.pieces
@@ -310,7 +317,9 @@ class CachedEncoder(PairEncoder):
         model.eval()
         try:
             with _adapters_off(model), decoder_slice(model, 0, self.start, final_norm=False) as dec:
-                out = dec(input_ids=ids, attention_mask=mask, use_cache=True)
+                # plain layers: a sliding-window layer type would trim or refuse the crop below (the window is
+                # at least max_length here, so it never cuts)
+                out = dec(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
                 out.past_key_values.crop(width - ids.shape[1])
                 second = dec(
                     input_ids=suf_ids,
@@ -326,6 +335,24 @@ class CachedEncoder(PairEncoder):
         for i, (pre, seq) in enumerate(zip(prefixes, firsts, strict=True)):
             s = len(seq) - len(pre)
             result.append((first[i, : len(pre)], first[i, len(pre) : len(seq)], second[i, :s]))
+        return result
+
+    @torch.no_grad()
+    def _trunk_whole(self, pairs: list[EncodedPair]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``_trunk`` with both orders as whole sequences (models with a short sliding window)."""
+        ids, mask, _ = self.batch(pairs, both_orders=True, device=next(self.model.parameters()).device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _adapters_off(self.model), decoder_slice(self.model, 0, self.start, final_norm=False) as dec:
+                h = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            self.model.train(was_training)
+        result, n = [], len(pairs)
+        for i, p in enumerate(pairs):
+            pre = len(self.pieces[0]) + len(p.prompt) + len(self.pieces[1])
+            end = self.length(p)
+            result.append((h[i, :pre], h[i, pre:end], h[n + i, pre:end]))
         return result
 
     def _check_split(self) -> None:
@@ -371,10 +398,20 @@ class CachedEncoder(PairEncoder):
         most of a block's work, runs there alone. Both are exact: ``_check_split`` and the tests compare with
         the full forward.
         """
+        if not self.share_prefix:  # both orders whole
+            rows = [torch.cat([pre, ab]) for pre, ab, _ in states]
+            rows += [torch.cat([pre, ba]) for pre, _, ba in states] if both_orders else []
+            hidden, mask = _stack(rows, device)
+            last = mask.sum(1) - 1
+            top = decoder_slice(model, self.start, self.num_layers, final_norm=False)
+            with top as dec, _mlp_only_at(dec.layers[-1], _flat_index(last, hidden.shape[1])):
+                h = dec(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
+            h = _base(model).get_decoder().norm(h[torch.arange(h.shape[0], device=h.device), last])
+            return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
         first, first_mask = _stack([torch.cat([pre, ab]) for pre, ab, _ in states], device)
         last = first_mask.sum(1) - 1
         with decoder_slice(model, self.start, self.num_layers, final_norm=False) as dec:
-            cache = _TopBlocksCache(_base(model).config, self.start) if both_orders else None
+            cache = _TopBlocksCache(self.start) if both_orders else None
             with _mlp_only_at(dec.layers[-1], _flat_index(last, first.shape[1])):
                 h = dec(
                     inputs_embeds=first,
@@ -403,6 +440,18 @@ class CachedEncoder(PairEncoder):
         return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
 
 
+def sliding_window(config) -> int | None:
+    """The shortest attention window of any layer of this decoder, or None when every layer sees everything."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    if types is not None and not any("sliding" in t for t in types):
+        return None
+    return int(window)
+
+
 def _flat_index(last: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(last.shape[0], device=last.device) * width + last
 
@@ -411,20 +460,15 @@ class _TopBlocksCache(DynamicCache):
     """A DynamicCache filled by the top blocks only (layer indices from ``start``).
 
     The decoder sizes its masks by asking the cache about layer 0 (or the first layer of a type), which the
-    top blocks never fill; those questions are answered by the first top block of the same kind.
+    top blocks never fill; the first top block answers instead (every layer holds the same positions).
     """
 
-    def __init__(self, config, start: int):
-        super().__init__(config=config)
+    def __init__(self, start: int):
+        super().__init__()  # plain layers, created as the blocks fill them (see _trunk on sliding windows)
         self.start = start
 
     def _served_by(self, layer_idx: int) -> int:
-        if layer_idx >= self.start or layer_idx >= len(self.layers):
-            return layer_idx
-        kind = type(self.layers[layer_idx])
-        return next(
-            (i for i in range(self.start, len(self.layers)) if type(self.layers[i]) is kind), self.start
-        )
+        return max(layer_idx, self.start)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(self._served_by(layer_idx))
