@@ -41,9 +41,11 @@ class PairEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = tokenizer(list(template.pieces), add_special_tokens=False).input_ids
+        self.dummy_prefix = adds_dummy_prefix(tokenizer)
+        head = tokenizer(template.pieces[0], add_special_tokens=False).input_ids
+        rest = continuation_ids(tokenizer, list(template.pieces[1:]), self.dummy_prefix)
         bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        self.pieces = (bos + ids[0], ids[1], ids[2], ids[3])
+        self.pieces = (bos + head, rest[0], rest[1], rest[2])
         fixed = sum(len(p) for p in self.pieces)
         if fixed + 2 > max_length:
             raise ValueError(
@@ -60,9 +62,9 @@ class PairEncoder:
         if not pairs:
             return []
         tok = self.tokenizer
-        prompts = tok([p.prompt for p in pairs], add_special_tokens=False).input_ids
-        a = tok([p.response_a for p in pairs], add_special_tokens=False).input_ids
-        b = tok([p.response_b for p in pairs], add_special_tokens=False).input_ids
+        prompts = continuation_ids(tok, [p.prompt for p in pairs], self.dummy_prefix)
+        a = continuation_ids(tok, [p.response_a for p in pairs], self.dummy_prefix)
+        b = continuation_ids(tok, [p.response_b for p in pairs], self.dummy_prefix)
         return [
             EncodedPair(*self._fit(pr, x, y), p.label, owner or p.client)
             for pr, x, y, p in zip(prompts, a, b, pairs, strict=True)
@@ -118,6 +120,48 @@ class PairEncoder:
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
+# Anchors a text is tokenised after, tried in turn until one does not merge with the text's first characters
+_ANCHORS = ("\n", "\u00a7", "|")
+_MARKER = "\u2581"  # SentencePiece's word-start marker
+
+
+def adds_dummy_prefix(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with a word-start marker (SentencePiece's "add dummy prefix", as
+    in Llama-2): then a text tokenised alone gets a marker it does not have inside a longer text."""
+    ids = tokenizer("A", add_special_tokens=False).input_ids
+    return bool(ids) and tokenizer.convert_ids_to_tokens(ids[:1])[0].startswith(_MARKER)
+
+
+def continuation_ids(tokenizer, texts: list[str], dummy_prefix: bool | None = None) -> list[list[int]]:
+    """Token ids of texts that follow other text in a sequence, so that concatenating separately tokenised
+    pieces gives the ids of the whole text.
+
+    Byte-level BPEs (GPT-2, SmolLM2, Llama-3, Qwen) tokenise a text the same alone or after a newline, and get
+    the plain call. SentencePiece tokenizers that add a dummy prefix (Llama-2) would put a stray word-start
+    marker at every piece's start; for them each text is tokenised after an anchor whose tokens are then cut
+    off (an anchor that merges with the text is skipped for the next). ``dummy_prefix``: the tokenizer's
+    ``adds_dummy_prefix``, when the caller knows it already.
+    """
+    if not (adds_dummy_prefix(tokenizer) if dummy_prefix is None else dummy_prefix):
+        return tokenizer(texts, add_special_tokens=False).input_ids
+    out: list[list[int] | None] = [None] * len(texts)
+    for anchor in _ANCHORS:
+        todo = [i for i, ids in enumerate(out) if ids is None]
+        if not todo:
+            break
+        head = tokenizer(anchor, add_special_tokens=False).input_ids
+        joined = tokenizer([anchor + texts[i] for i in todo], add_special_tokens=False).input_ids
+        for i, ids in zip(todo, joined, strict=True):
+            if ids[: len(head)] == head:
+                out[i] = ids[len(head) :]
+    if any(ids is None for ids in out):
+        bad = texts[out.index(None)]
+        raise ValueError(
+            f"cannot tokenise {bad[:40]!r} as a continuation: every anchor merges with its start"
+        )
+    return out
 
 
 def adds_bos(tokenizer) -> bool:
