@@ -540,7 +540,7 @@ def flower_sim(
 ) -> None:
     """Run the Flower ServerApp and ClientApp under Flower's simulation runtime (Ray), one virtual SuperNode
     per client; resources per actor: federated.flower.simulation (needs the [simulation] extra)."""
-    from .flower.simulation import SimulationError, run_simulation
+    from .flower.simulation import SimulationError, run_simulation, simulation_device_note
 
     cfg = _load(config, overrides)
     sim = cfg.federated.flower.simulation
@@ -548,6 +548,8 @@ def flower_sim(
         f"Flower simulation of {cfg.name}: {sim.cpus_per_client} CPU and {sim.gpus_per_client:g} GPU per "
         f"ClientApp actor; Flower's and Ray's log go to {cfg.run_dir / 'flower-sim'}"
     )
+    if note := simulation_device_note(cfg):
+        console.print(f"[yellow]note:[/yellow] {note}")
     try:
         results = _guard(lambda: run_simulation(cfg, supernodes, resume=resume, overwrite=overwrite))
     except SimulationError as err:

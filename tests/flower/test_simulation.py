@@ -164,6 +164,11 @@ def test_more_nodes_than_clients_is_refused(tmp_path):
         ({"simulation": {"gpus_per_client": 0.5}}, "cpu", "gpus_per_client=0.5 reserves GPU"),
         ({}, "cuda", "model.device=cuda, but federated.flower.simulation.gpus_per_client=0"),
         ({"num_clients": 3}, "cpu", "federated.flower.num_clients=3, but the simulation has 4 nodes"),
+        (
+            {"simulation": {"gpus_per_client": 0.5}},
+            "cuda:1",
+            "model.device=cuda:1: .* sees the GPU Ray gave it as cuda:0",
+        ),
     ],
 )
 def test_resources_that_cannot_work_are_named(tmp_path, flower, device, message):
@@ -229,3 +234,19 @@ def test_terminating_signals_unwind_so_the_started_processes_are_stopped(name):
     with pytest.raises(SystemExit) as stop, simulation._terminate_unwinds():
         os.kill(os.getpid(), sig)
     assert stop.value.code == 128 + sig and signal.getsignal(sig) == before  # handler restored afterwards
+
+
+def test_auto_device_without_gpu_share_says_the_actors_run_on_the_cpu(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    cfg.model.device = "auto"
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    note = simulation.simulation_device_note(cfg)
+    assert note is not None and "none of this machine's 2 GPU(s) and run on the CPU" in note
+    cfg.federated.flower.simulation.gpus_per_client = 0.5
+    assert simulation.simulation_device_note(cfg) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg.federated.flower.simulation.gpus_per_client = 0.0
+    assert simulation.simulation_device_note(cfg) is None  # no GPU here: nothing to say

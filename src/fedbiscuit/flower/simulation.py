@@ -90,6 +90,27 @@ def check_simulation_config(cfg: RunConfig, num_supernodes: int, num_clients: in
             f"federated.flower.simulation.gpus_per_client={sim.gpus_per_client:g} reserves GPU for actors that "
             "run on the CPU (model.device=cpu): set it to 0, or model.device=cuda"
         )
+    if device.startswith("cuda:"):
+        # Ray gives each actor its GPU share through CUDA_VISIBLE_DEVICES, so every actor sees its own GPU as
+        # cuda:0; a fixed index would put all actors on one GPU, or on one they were not given
+        raise ValueError(
+            f"model.device={device}: in a simulation each ClientApp actor sees the GPU Ray gave it as cuda:0; "
+            "use model.device=cuda or auto and let federated.flower.simulation.gpus_per_client place them"
+        )
+
+
+def simulation_device_note(cfg: RunConfig) -> str | None:
+    """What a user should be told about where the actors run, when it is not what they may expect."""
+    import torch
+
+    sim = cfg.federated.flower.simulation
+    if cfg.model.device != "auto" or sim.gpus_per_client > 0 or not torch.cuda.is_available():
+        return None
+    return (
+        f"model.device=auto, but federated.flower.simulation.gpus_per_client=0: the ClientApp actors see none "
+        f"of this machine's {torch.cuda.device_count()} GPU(s) and run on the CPU; give each actor a share "
+        "(e.g. gpus_per_client=0.5) to run them on the GPUs"
+    )
 
 
 def run_simulation(
