@@ -46,6 +46,27 @@ def test_response_logps_equal_the_full_model_computation(tiny):
         assert ours[i].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_token_logps_in_chunks_equal_one_pass_with_their_gradients(tiny):
+    from fedbiscuit.rlhf.dpo import token_logps
+
+    model, _ = tiny
+    vocab = model.get_output_embeddings().weight.shape[0]
+    h = torch.randn(23, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, vocab, (23,), generator=torch.Generator().manual_seed(1))
+    out, grads = [], []
+    for elements in (10**9, 5 * vocab):  # one pass; chunks of 5 rows (checkpointed: recomputed in backward)
+        x = h.clone().requires_grad_(True)
+        logp = token_logps(model, x, targets, chunk_elements=elements)
+        (logp * torch.arange(23.0)).sum().backward()
+        out.append(logp.detach())
+        grads.append(x.grad)
+    expected = model.get_output_embeddings()(h).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    assert grads[0].abs().max() > 0
+
+
 def _prefs(tok, n=8):
     # chosen answers say "yes", rejected say "no": a policy can learn this in a few steps
     pairs = [HumanPair(f"question {i}?", "yes indeed", "no") for i in range(n)]

@@ -211,3 +211,27 @@ def test_smollm2_prompts_get_no_extra_bos(smollm2_tokenizer):
         dialogue_messages("hello there"), tokenize=False, add_generation_prompt=True
     )
     assert chat == tok(rendered, add_special_tokens=False).input_ids and chat[:2] != [im_start, im_start]
+
+
+def test_base_weights_are_hashed_once_until_one_changes(tiny, monkeypatch):
+    import fedbiscuit.rlhf.generation as generation
+
+    model, _ = tiny
+    model = add_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    real, sizes = generation._digest, []
+
+    def counting(named):
+        named = list(named)
+        sizes.append(len(named))
+        return real(named)
+
+    monkeypatch.setattr(generation, "_digest", counting)
+    first = weights_fingerprint(model, "policy")
+    base_count = sum(1 for n, _ in model.named_parameters() if "lora_" not in n)
+    assert sizes[0] == base_count  # the base, hashed once
+    sizes.clear()
+    assert weights_fingerprint(model, "policy") == first
+    assert base_count not in sizes  # ... and not again: only the adapter's few tensors
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_" not in n).add_(1.0)  # a base weight, in place
+    assert weights_fingerprint(model, "policy") != first

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import DPOConfig, GenerationConfig
 from .generation import encode_prompts, reply_end_id
@@ -107,12 +108,40 @@ def response_logps(model, prompts: list[list[int]], responses: list[list[int]], 
     ).last_hidden_state
     rows_t = torch.tensor(rows, device=device)
     h = hidden[rows_t, torch.tensor(cols, device=device)]
-    logits = base.get_output_embeddings()(h).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    token_logp = logits.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    token_logp = token_logps(base, h, torch.tensor(targets, device=device))
     return torch.zeros(len(seqs), device=device, dtype=token_logp.dtype).index_add(0, rows_t, token_logp)
+
+
+CHUNK_ELEMENTS = 1 << 25  # fp32 logits held at once: 128 MB (SmolLM2: 680 tokens; a 256k vocabulary: 128)
+
+
+def token_logps(base, h: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS):
+    """log p(target) for each row of hidden states ``h`` [N, d], in fp32.
+
+    The full-vocabulary logits exist a chunk of rows at a time: at 256k columns (Gemma) and hundreds of
+    response tokens, all of them in fp32 would be gigabytes, twice over with their log-softmax. With gradients,
+    each chunk is recomputed in the backward pass (activation checkpointing) instead of kept.
+    """
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+
+    def part(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        logits = head(hc).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.gather(1, tc[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+    rows = max(1, chunk_elements // head.weight.shape[0])
+    if h.shape[0] <= rows:
+        return part(h, targets)
+    chunks = []
+    for i in range(0, h.shape[0], rows):
+        hc, tc = h[i : i + rows], targets[i : i + rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            chunks.append(torch.utils.checkpoint.checkpoint(part, hc, tc, use_reentrant=False))
+        else:
+            chunks.append(part(hc, tc))
+    return torch.cat(chunks)
 
 
 def pair_logps(model, batch: list[EncodedPreference], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +272,8 @@ def train_dpo(
     try:
         for step in range(1, total + 1):
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            # kept on the device until the step ends: one host sync per optimizer step, not per micro-batch
+            step_losses, step_chosen, step_rejected = [], [], []
             for _ in range(cfg.grad_accum):
                 idx = next(batches)
                 batch = [prefs[i] for i in idx]
@@ -258,15 +288,20 @@ def train_dpo(
                     per_pair, chosen_r, rejected_r = dpo_loss(*logps, cfg.beta, cfg.loss)
                     loss = per_pair.mean()
                 (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                # statistics of exactly the pairs this micro-batch held, however many that was
-                margin = (chosen_r - rejected_r).cpu()
-                margins += margin.tolist()
-                hits += (margin > 0).float().tolist()
-                window["margin"] += margin.tolist()
-                window["acc"] += (margin > 0).float().tolist()
-                window["chosen"] += chosen_r.cpu().tolist()
-                window["rejected"] += rejected_r.cpu().tolist()
+                step_losses.append(loss.detach())
+                step_chosen.append(chosen_r.detach().reshape(-1))
+                step_rejected.append(rejected_r.detach().reshape(-1))
+            # statistics of exactly the pairs the micro-batches held, however many that was
+            step_loss = float(torch.stack(step_losses).float().mean().cpu())
+            chosen_s = torch.cat(step_chosen).float().cpu()
+            rejected_s = torch.cat(step_rejected).float().cpu()
+            margin = chosen_s - rejected_s
+            margins += margin.tolist()
+            hits += (margin > 0).float().tolist()
+            window["margin"] += margin.tolist()
+            window["acc"] += (margin > 0).float().tolist()
+            window["chosen"] += chosen_s.tolist()
+            window["rejected"] += rejected_s.tolist()
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"DPO loss became {step_loss} at step {step}; lower rlhf.dpo.lr")
             if cfg.max_grad_norm is not None:

@@ -133,15 +133,29 @@ def reply_end_id(tokenizer, chat_template: bool, stops: list[int] | None = None)
     return stops[0] if stops else None
 
 
-def weights_fingerprint(model, adapter: str | None) -> str:
-    """A hash of every tensor generation uses: the base weights and, if given, that adapter's LoRA weights."""
+def _digest(named) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if "lora_" in name and (adapter is None or f".{adapter}." not in name + "."):
-            continue  # other adapters do not take part
+    for name, param in named:
         h.update(name.encode())
         h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_fingerprint(model, adapter: str | None) -> str:
+    """A hash of every tensor generation uses: the base weights and, if given, that adapter's LoRA weights.
+
+    The base weights are hashed once per model and their hash reused while no base tensor has been replaced or
+    written in place (each tensor's storage pointer and version counter say so): hashing them means copying
+    every weight to the CPU, gigabytes for a 2B model, on every sampling call otherwise."""
+    params = sorted(model.named_parameters(), key=lambda kv: kv[0])
+    base = [(n, p) for n, p in params if "lora_" not in n]
+    lora = [(n, p) for n, p in params if "lora_" in n and adapter is not None and f".{adapter}." in n + "."]
+    state = tuple((n, p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device) for n, p in base)
+    cached = model.__dict__.get("_fedbiscuit_base_fingerprint")
+    if cached is None or cached[0] != state:
+        cached = (state, _digest(base))
+        model.__dict__["_fedbiscuit_base_fingerprint"] = cached
+    return hashlib.blake2b((cached[1] + _digest(lora)).encode(), digest_size=16).hexdigest()
 
 
 def cache_key(
