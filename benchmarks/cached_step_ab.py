@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import torch
-from common import ROOT
+from common import ROOT, hh_cached_config
 
 
 def main() -> None:
@@ -42,25 +41,7 @@ def main() -> None:
     from fedbiscuit.selector.scoring import answer_logits
     from fedbiscuit.selector.training import choice_loss
 
-    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    cfg = config_from_dict(
-        {
-            "data": {"source": "hh_rlhf", "root": args.data, "heldout_fraction": 0.0},
-            "model": {
-                "name_or_path": "embedded",
-                "device": "cpu",
-                "dtype": "auto",
-                "lora": {
-                    "r": 16,
-                    "alpha": 32,
-                    "dropout": 0.0,
-                    "top_layers": args.top_layers,
-                    "target_modules": qkvo,
-                },
-            },
-            "selector": {"max_length": 256, "path": "cached", "cache_dir": tempfile.mkdtemp()},
-        }
-    )
+    cfg = config_from_dict(hh_cached_config(args.data, top_layers=args.top_layers))
     ws = open_workspace(cfg, quiet=True)
     enc, model, choice = ws.encoder, ws.model, ws.choice_ids
     per = args.pairs // len(ws.data.clients)

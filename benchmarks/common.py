@@ -38,3 +38,21 @@ def run_variant(script: str, variant: str, argv: list[str]) -> dict:
         sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
     print(f"{variant}: done", file=sys.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def hh_cached_config(data: str, top_layers: int = 4) -> dict:
+    """The cached path as the HH configs set it (SmolLM2, LoRA r=16 on q/k/v/o of the top blocks, bf16 where the
+    CPU has it, max_length 256), every HH subset, an empty trunk store of its own: for speed benchmarks."""
+    import tempfile
+
+    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return {
+        "data": {"source": "hh_rlhf", "root": data, "heldout_fraction": 0.0},
+        "model": {
+            "name_or_path": "embedded",
+            "device": "cpu",
+            "dtype": "auto",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": top_layers, "target_modules": qkvo},
+        },
+        "selector": {"max_length": 256, "path": "cached", "cache_dir": tempfile.mkdtemp(prefix="trunk-")},
+    }

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import torch
-from common import ROOT
+from common import ROOT, hh_cached_config
 
 
 def main() -> None:
@@ -53,36 +53,12 @@ def main() -> None:
     then = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(then)
 
-    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    cfg = config_from_dict(
-        {
-            "data": {"source": "hh_rlhf", "root": args.data, "heldout_fraction": 0.0},
-            "model": {
-                "name_or_path": "embedded",
-                "device": "cpu",
-                "dtype": "auto",
-                "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 4, "target_modules": qkvo},
-            },
-            "selector": {"max_length": 256, "path": "cached", "cache_dir": tempfile.mkdtemp()},
-        }
-    )
+    cfg = config_from_dict(hh_cached_config(args.data, top_layers=4))
     ws = open_workspace(cfg, quiet=True)
     enc = ws.encoder
     per = args.pairs // len(ws.data.clients)
     raw = [q for c in ws.data.clients.values() for q in c.train[:per]]
     pairs = trunk.PairEncoder.encode(enc, raw)  # token ids only: nothing is built yet
-
-    @torch.no_grad()
-    def whole(self, batch):
-        ids, mask, _ = self.batch(batch, both_orders=True)
-        with trunk.decoder_slice(self.model, 0, self.start, final_norm=False) as dec:
-            h = dec(input_ids=ids, attention_mask=mask).last_hidden_state
-        out, n = [], len(batch)
-        for i, q in enumerate(batch):
-            pre = len(self.pieces[0]) + len(q.prompt) + len(self.pieces[1])
-            end = self.length(q)
-            out.append((h[i, :pre], h[i, pre:end], h[n + i, pre:end]))
-        return out
 
     def batches(order):
         out, i = [], 0
@@ -98,7 +74,7 @@ def main() -> None:
         return out
 
     layouts = {
-        "whole": (whole, enc.length),
+        "whole": (trunk.CachedEncoder._trunk_whole, enc.length),
         "pieces": (then.CachedEncoder._trunk, lambda q: (len(q.prompt), len(q.a) + len(q.b))),
         "first+rest": (trunk.CachedEncoder._trunk, lambda q: (enc.length(q), len(q.a) + len(q.b))),
     }
