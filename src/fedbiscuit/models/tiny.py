@@ -76,21 +76,20 @@ def tiny_model(
     if family not in FAMILIES:
         raise ValueError(f"tiny_model: family {family!r} is not one of {sorted(FAMILIES)}")
     tokenizer = tiny_tokenizer()
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        **(FAMILIES[family] | config),
-    )
+    settings = {
+        "vocab_size": vocab_size or len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+    config = AutoConfig.for_model(family, **(settings | FAMILIES[family] | config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
