@@ -5,6 +5,7 @@ import math
 import re
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -327,3 +328,58 @@ def test_the_summary_calls_only_a_round_0_evaluation_before_training(capsys):
     assert "before training" not in out and "50.2%" not in out and "52.4%" in out
     cli._federated_summary({**results, "first": ev(0, 0.490)})
     assert "49.0% before training" in capsys.readouterr().out
+
+
+def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
+    """Two processes started by a launcher (gloo on the CPU): the same checkpoint as one process, one run folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("accelerate")
+    args = ["train.batch_size=5", "train.grad_accum=2", "train.steps=3", "--quiet", "--overwrite"]
+    single = runner.invoke(app, ["run", str(config), "name=one", *args], terminal_width=200)
+    assert single.exit_code == 0, single.output
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # torch's launcher (accelerate launch --cpu starts one process; on GPUs `accelerate launch --multi_gpu`
+    # sets the same environment)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "fedbiscuit.cli",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launch, "run", str(config), "name=two", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = tmp_path / "runs"
+    one = load_file(runs / "one" / "checkpoints" / "selector.safetensors")
+    two = load_file(runs / "two" / "checkpoints" / "selector.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        # float sums in another order (halves, then across processes), through 3 Adam steps
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
+    assert done.stdout.count("selector agreement") == 1  # rank 0 alone reports
+    events = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["processes"] for e in events if e.get("event") == "train_done"] == [2]
+    federated = subprocess.run(
+        [*launch, "run", str(config), "name=fed", "pipeline=federated", "train.steps=100", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    said = " ".join((federated.stdout + federated.stderr).split())  # rich wraps lines
+    assert federated.returncode != 0 and "only pipeline: centralized trains data-parallel" in said

@@ -304,6 +304,10 @@ def run(
         f"data={cfg.data.source} -> {cfg.run_dir}"
     )
     results = _guard(lambda: run_pipeline(cfg, quiet=quiet, resume=resume, overwrite=overwrite))
+    from . import distributed
+
+    if not distributed.is_main():  # a data-parallel helper process: rank 0 reports
+        return
     if cfg.pipeline == "federated":
         _federated_summary(results)
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import RunConfig
 from .data import FederatedData, prepare_data
 from .federated.client import WORK_ADAPTER as SELECTOR  # one adapter slot, whoever trains in it
@@ -163,6 +164,7 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
                 "accuracy": result.accuracy,
                 "samples": result.samples,
                 "seconds": result.seconds,
+                "processes": distributed.world()[1],  # data-parallel training under a launcher
                 "truncated": dict(ws.encoder.truncated),
                 **({"trunk_cache": ws.encoder.stats} if hasattr(ws.encoder, "stats") else {}),
             }

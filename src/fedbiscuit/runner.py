@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+from . import distributed
 from .config import RunConfig
 from .pipeline import run_centralized, run_federated
 from .rlhf.phase2 import run_rlhf
 
 
 def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    if distributed.launched():  # one of several processes (accelerate launch): data-parallel training
+        if cfg.pipeline != "centralized":
+            raise ValueError(
+                f"launched as {os.environ['WORLD_SIZE']} processes, but only pipeline: centralized trains "
+                f"data-parallel (this config is pipeline: {cfg.pipeline}); a federated run spreads its clients "
+                "with its engines (Flower's simulation: federated.flower.simulation.gpus_per_client), and phase 2 "
+                "runs in one process: start it without the launcher"
+            )
+        distributed.join()
+        if not distributed.is_main():  # the same training; its files and printout are rank 0's alone
+            cfg = cfg.model_copy(update={"output_dir": tempfile.mkdtemp(prefix="fedbiscuit-rank-")})
+            quiet, overwrite = True, True
     if cfg.pipeline == "centralized":
         if resume:
             raise ValueError("--resume applies to federated runs (pipeline: federated)")

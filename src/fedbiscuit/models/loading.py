@@ -29,6 +29,9 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "cuda") and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one of several processes a launcher started on this machine: each takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import TrainConfig
 from .encoding import EncodedPair, PairEncoder
 
@@ -121,6 +122,7 @@ def train_selector(
     use_schedule = schedule_window is not None and scheduled(cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = next(model.parameters()).device
+    rank, world = distributed.world()  # several processes: each computes its share of every batch
     generator = torch.Generator().manual_seed(seed)
     batches = _batches([encoder.length(p) for p in pairs], cfg.batch_size, generator, cfg.group_by_length)
     was_training = model.training
@@ -135,9 +137,14 @@ def train_selector(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
-                idx = next(batches)
+                idx = next(batches)  # the same on every process (same generator)
+                rows = 2 * len(idx)  # the whole batch's rows, both orders: the loss is their mean
+                seen += len(idx)
+                idx = idx[rank::world]
+                if not idx:  # more processes than pairs in this batch: nothing to add here
+                    continue
                 logits, target = encoder.logits(model, [pairs[i] for i in idx], True, choice_ids, device)
-                loss = choice_loss(logits, target)
+                loss = choice_loss(logits, target, reduction="none").sum() / rows
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 with torch.no_grad():
@@ -149,8 +156,10 @@ def train_selector(
                     margin = (logits[:n, 0] - logits[:n, 1]) - (logits[n:, 0] - logits[n:, 1])
                     label = target[:n]
                     hit = torch.where(margin == 0, 0.5, ((margin > 0) == (label > 0.5)).float())
-                    pair_hits.extend(hit[label != 0.5].tolist())
-                seen += len(idx)
+                    pair_hits.extend(hit[label != 0.5].tolist())  # this process's share only
+            if world > 1:
+                distributed.sum_gradients(params)
+                (step_loss,) = distributed.sum_scalars(step_loss)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"selector loss became {step_loss} at step {step}; lower train.lr")
             if cfg.max_grad_norm is not None:
