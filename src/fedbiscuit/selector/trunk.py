@@ -313,23 +313,18 @@ class CachedEncoder(PairEncoder):
         pre_len = torch.tensor([len(p) for p in prefixes], device=device)
         width = int(pre_len.max())  # the suffixes need only the prefixes' keys: the rest is cropped below
         prefix_only = (torch.arange(width, device=device)[None] < pre_len[:, None]).long()
-        was_training = model.training
-        model.eval()
-        try:
-            with _adapters_off(model), decoder_slice(model, 0, self.start, final_norm=False) as dec:
-                # plain layers: a sliding-window layer type would trim or refuse the crop below (the window is
-                # at least max_length here, so it never cuts)
-                out = dec(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
-                out.past_key_values.crop(width - ids.shape[1])
-                second = dec(
-                    input_ids=suf_ids,
-                    attention_mask=torch.cat([prefix_only, suf_mask], dim=1),
-                    position_ids=pre_len[:, None] + torch.arange(suf_ids.shape[1], device=device),
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                ).last_hidden_state
-        finally:
-            model.train(was_training)
+        with self._frozen_trunk() as dec:
+            # plain layers: a sliding-window layer type would trim or refuse the crop below (the window is at
+            # least max_length here, so it never cuts)
+            out = dec(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+            out.past_key_values.crop(width - ids.shape[1])
+            second = dec(
+                input_ids=suf_ids,
+                attention_mask=torch.cat([prefix_only, suf_mask], dim=1),
+                position_ids=pre_len[:, None] + torch.arange(suf_ids.shape[1], device=device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            ).last_hidden_state
         first = out.last_hidden_state
         result = []
         for i, (pre, seq) in enumerate(zip(prefixes, firsts, strict=True)):
@@ -337,17 +332,23 @@ class CachedEncoder(PairEncoder):
             result.append((first[i, : len(pre)], first[i, len(pre) : len(seq)], second[i, :s]))
         return result
 
-    @torch.no_grad()
-    def _trunk_whole(self, pairs: list[EncodedPair]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``_trunk`` with both orders as whole sequences (models with a short sliding window)."""
-        ids, mask, _ = self.batch(pairs, both_orders=True, device=next(self.model.parameters()).device)
+    @contextmanager
+    def _frozen_trunk(self):
+        """The decoder's blocks below ``start``, base weights only (adapters off), in eval mode."""
         was_training = self.model.training
         self.model.eval()
         try:
             with _adapters_off(self.model), decoder_slice(self.model, 0, self.start, final_norm=False) as dec:
-                h = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                yield dec
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def _trunk_whole(self, pairs: list[EncodedPair]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``_trunk`` with both orders as whole sequences (models with a short sliding window)."""
+        ids, mask, _ = self.batch(pairs, both_orders=True, device=next(self.model.parameters()).device)
+        with self._frozen_trunk() as dec:
+            h = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         result, n = [], len(pairs)
         for i, p in enumerate(pairs):
             pre = len(self.pieces[0]) + len(p.prompt) + len(self.pieces[1])
@@ -406,8 +407,7 @@ class CachedEncoder(PairEncoder):
             top = decoder_slice(model, self.start, self.num_layers, final_norm=False)
             with top as dec, _mlp_only_at(dec.layers[-1], _flat_index(last, hidden.shape[1])):
                 h = dec(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
-            h = _base(model).get_decoder().norm(h[torch.arange(h.shape[0], device=h.device), last])
-            return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
+            return _answers(model, h[torch.arange(h.shape[0], device=h.device), last], choice_ids)
         first, first_mask = _stack([torch.cat([pre, ab]) for pre, ab, _ in states], device)
         last = first_mask.sum(1) - 1
         with decoder_slice(model, self.start, self.num_layers, final_norm=False) as dec:
@@ -436,8 +436,13 @@ class CachedEncoder(PairEncoder):
                         use_cache=True,
                     )
                 rows.append(h.last_hidden_state[torch.arange(len(states), device=suf.device), suf_last])
-        h = _base(model).get_decoder().norm(torch.cat(rows))
-        return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
+        return _answers(model, torch.cat(rows), choice_ids)
+
+
+def _answers(model, h: torch.Tensor, choice_ids) -> torch.Tensor:
+    """[R, 2] answer logits from each row's last hidden state [R, d] before the final norm."""
+    h = _base(model).get_decoder().norm(h)
+    return answer_logits(model, h[:, None], torch.ones((h.shape[0], 1), dtype=torch.long), choice_ids)
 
 
 def sliding_window(config) -> int | None:
