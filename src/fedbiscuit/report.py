@@ -86,6 +86,45 @@ def purity(assignment: dict[str, str], group_of=_natural) -> float:
     return sum(c.most_common(1)[0][1] for c in clusters.values()) / max(1, len(assignment))
 
 
+def adjusted_rand(assignment: dict[str, str], group_of=_natural) -> float:
+    """Adjusted Rand index of the clusters against the clients' groups: 1 when they coincide, about 0 for a
+    grouping no better than chance. Unlike purity it is fair to groups of unequal size (4 harmlessness clients
+    among 16: every balanced grouping into 2 clusters of 8 has purity 75% against them, whatever it found).
+    Hubert and Arabie (1985); written here because sklearn is not a dependency for one formula."""
+    from math import comb
+
+    table = Counter((sel, group_of(c)) for c, sel in assignment.items())
+    rows, cols = Counter(assignment.values()), Counter(group_of(c) for c in assignment)
+    index = sum(comb(n, 2) for n in table.values())
+    a, b = sum(comb(n, 2) for n in rows.values()), sum(comb(n, 2) for n in cols.values())
+    expected = a * b / max(1, comb(len(assignment), 2))
+    top = (a + b) / 2
+    return 0.0 if top == expected else (index - expected) / (top - expected)
+
+
+def chance_probability(
+    assignment: dict[str, str], group_of=_natural, statistic=purity, draws: int = 20_000, seed: int = 0
+) -> float:
+    """How often clusters of the same sizes, filled with the same clients at random, score at least as high on
+    ``statistic`` (purity, adjusted_rand) as ``assignment``: a permutation test, 1 / (draws + 1) at the least.
+
+    Purity alone misleads: with 16 clients in 4 groups and 2 clusters of 8 it is 25-50% whatever the grouping
+    found, and random balanced clusters reach 37.5% in most draws. The permutation keeps the cluster sizes
+    (balanced clusters stay balanced) and shuffles which client sits where."""
+    import random
+
+    clients = list(assignment)
+    observed = statistic(assignment, group_of)
+    slots = [assignment[c] for c in clients]
+    rng = random.Random(seed)
+    at_least = 0
+    for _ in range(draws):
+        rng.shuffle(slots)
+        # a small tolerance: equal statistics of different fillings must compare equal despite rounding
+        at_least += statistic(dict(zip(clients, slots, strict=True)), group_of) >= observed - 1e-9
+    return (at_least + 1) / (draws + 1)
+
+
 def summarize(run_dir: Path) -> dict:
     records = read_metrics(run_dir)
     evals = [r for r in records if r["event"] == "eval"]
@@ -363,7 +402,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             )
             continue
         o = f[3]
-        pur = _pct(purity(run["groupings"][-1]["assignment"])) if run["groupings"] else "-"
+        last = run["groupings"][-1]["assignment"] if run["groupings"] else None
+        pur = f"{_pct(purity(last))} (p {chance_probability(last, draws=2_000):.2g})" if last else "-"
         lines.append(
             f"| {run['name']} | {run['rounds']} | {'-' if first is f else _pct(first[1])} | {_pct(o['agreement'])} | "
             f"{_pct(o.get('agreement_ab'))} "
@@ -373,7 +413,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         "",
         "Agreement averages both presentation orders (A|B and B|A are each order alone); 50% is chance.",
         "'measured by': the client's own cluster selector (FedBiscuit, local), the vote, or the single selector.",
-        "Purity: share of clients whose cluster's majority natural client id (the name before '#') is their own.",
+        "Purity: share of clients whose cluster's majority natural client id (the name before '#') is their own;",
+        "p: how often clusters of the same sizes filled at random are at least as pure (2,000 draws).",
         "",
         "![agreement](agreement.png)",
     ]
