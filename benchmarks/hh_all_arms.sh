@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/hh_all_arms.sh [SEED]
+# usage: bash benchmarks/hh_all_arms.sh [SEED [ARM ...]]   (no ARM: central fedbis fedbiscuit)
 # Every HH pair, 16 clients (4 per subset), the same pairs shown for every arm (~9,700 = 2 epochs of the
 # 4,838 training pairs; the config's 3 did not fit a session beside the rest), one after the other with both
 # threads; each writes runs/issue18/all_<arm>_s<SEED>/.
@@ -8,11 +8,17 @@
 #               76 rounds = 1,216 sequential steps, warm-up 50 and cosine across rounds, FedAvg
 #   fedbiscuit  the same rounds and steps, K=2: warm-up 10 rounds per selector, regrouping every 10 rounds on
 #               each client's whole held-out slice
+#   fedbiscuit_k4  the same with K=4 and a warm-up of 5 rounds per selector (20 warm-up rounds, as K=2's)
+#   oracle      the same rounds and steps, a selector per HH subset trained by that subset's clients from round 0:
+#               FedBiscuit's clusters as they would be if every grouping found the subsets
+#   local       the same rounds and steps, every client its own selector (a client trains when sampled)
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
 export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data}
 seed=${1:-0}
+shift || true
+arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(central fedbis fedbiscuit)
 out=runs/issue18; mkdir -p $out
 seq=(train.batch_size=2 federated.clients_per_round=4 federated.local_steps=16 federated.rounds=76
      train.lr=1e-3 train.schedule=cosine train.warmup_steps=50 federated.eval_every=76
@@ -20,7 +26,17 @@ seq=(train.batch_size=2 federated.clients_per_round=4 federated.local_steps=16 f
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run "$@" name=$name seed=$seed \
           output_dir=$out --quiet --overwrite > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
 .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml > $out/all_cache_build.log 2>&1
-run all_central_s$seed configs/hh_centralized.yaml train.epochs=2
-run all_fedbis_s$seed configs/hh_fedbis.yaml "${seq[@]}"
-run all_fedbiscuit_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" federated.fedbiscuit.warmup_rounds=10 \
-    federated.fedbiscuit.regroup_every=10
+for arm in "${arms[@]}"; do
+  case $arm in
+    central) run all_central_s$seed configs/hh_centralized.yaml train.epochs=2 ;;
+    fedbis) run all_fedbis_s$seed configs/hh_fedbis.yaml "${seq[@]}" ;;
+    fedbiscuit) run all_fedbiscuit_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                  federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 ;;
+    fedbiscuit_k4) run all_fedbiscuit_k4_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                     federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
+                     federated.fedbiscuit.regroup_every=10 ;;
+    oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
+    local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 oracle local)"; exit 2 ;;
+  esac
+done

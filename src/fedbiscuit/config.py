@@ -505,7 +505,8 @@ class RLHFConfig(_Section):
     # selectors: the phase-1 selectors vote (a run folder given in `selectors_from`, else phase 1 of this
     # run, as `federated` describes). feddpo / fedsft: baselines on the clients' own human pairs.
     method: Literal["selectors", "feddpo", "fedsft"] = "selectors"
-    selectors_from: str | None = None  # a finished federated run folder; its newest checkpoint is used
+    # a finished run folder: a federated run's newest checkpoint, or a centralized run's one selector
+    selectors_from: str | None = None
     mode: Literal["offline", "iterative"] = "offline"  # iterative regenerates from the current policy
     iterations: int = Field(default=1, ge=1)  # generation rounds (iterative mode)
     num_prompts: int = Field(default=64, ge=1)  # distinct training prompts, from the data's train split

@@ -1,11 +1,13 @@
 import json
+import math
+import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from fedbiscuit.rlhf.evaluation import knockout, win_rate
+from fedbiscuit.rlhf.evaluation import best_of_n_curve, bracket_winners, knockout, win_rate
 from fedbiscuit.rlhf.judges import JudgeError, OpenAIJudge, parse_verdict
 
 
@@ -49,6 +51,38 @@ def test_win_rate_counts_wins_losses_and_ties_over_both_orders():
 def test_knockout_finds_the_judges_favourite():
     cands = [["a", "aaaa", "aa", "aaa", "a"], ["bb", "b"], ["c"]]
     assert knockout(LengthJudge(), ["p", "q", "r"], cands) == [1, 0, 0]
+
+
+def test_a_bracket_gives_best_of_every_power_of_two():
+    rng = random.Random(0)
+    cands = [["x" * rng.randrange(1, 50) for _ in range(16)] for _ in range(5)]
+    levels = bracket_winners(LengthJudge(), ["p"] * 5, cands)
+    assert len(levels) == 5  # n = 1, 2, 4, 8, 16
+    for k, picks in enumerate(levels):
+        for c, i in zip(cands, picks, strict=True):
+            # the pick at level k is a longest of the first 2**k candidates (the earlier one on a tie)
+            assert i < 2**k and len(c[i]) == max(len(x) for x in c[: 2**k])
+    assert levels[-1] == knockout(LengthJudge(), ["p"] * 5, cands)
+    with pytest.raises(ValueError, match="power-of-2"):
+        bracket_winners(LengthJudge(), ["p"], [["a", "b", "c"]])
+
+
+def test_best_of_n_curve_gold_and_proxy():
+    rng = random.Random(1)
+    prompts = ["p"] * 200
+    cands = [["y" * rng.randrange(1, 100) for _ in range(8)] for _ in prompts]
+    baseline = ["y" * rng.randrange(1, 100) for _ in prompts]
+    curve = best_of_n_curve(LengthJudge(), LengthJudge(), prompts, cands, baseline)
+    assert [r["n"] for r in curve] == [1, 2, 4, 8]
+    assert curve[0]["kl_bon"] == 0.0 and curve[3]["kl_bon"] == pytest.approx(math.log(8) - 7 / 8)
+    gold = [r["gold"]["win_rate"] for r in curve]
+    # two independent samples at n = 1; the longest of n beats a fresh sample about n / (n + 1) of the time
+    assert abs(gold[0] - 0.5) < 0.1 and gold == sorted(gold) and gold[3] > 0.8
+    assert [r["proxy"]["win_rate"] for r in curve] == gold  # the picker is the judge here
+    # a picker the gold judge disagrees with (position bias only: it keeps candidate 0) gains nothing
+    flat = best_of_n_curve(FirstJudge(), LengthJudge(), prompts, cands, baseline)
+    assert all(r["picks"] == [0] * len(prompts) for r in flat)
+    assert len({r["gold"]["win_rate"] for r in flat}) == 1
 
 
 class _Endpoint(BaseHTTPRequestHandler):

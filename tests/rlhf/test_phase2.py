@@ -94,9 +94,27 @@ def test_selectors_from_a_finished_federated_run(tmp_path):
     out = run(config_from_dict(raw, "test"), quiet=True)
     assert events(out, "selectors")[0]["names"] == ["selector-0"]
     assert "phase1" not in out and not events(out, "round")
-    with pytest.raises(FileNotFoundError, match="no round"):
+    with pytest.raises(FileNotFoundError, match="neither a round"):
         raw["rlhf"]["selectors_from"] = str(tmp_path / "nowhere")
         run(config_from_dict(raw, "test"), quiet=True, overwrite=True)
+
+
+def test_selectors_from_a_finished_centralized_run(tmp_path):
+    raw = rlhf_config(tmp_path, name="central")
+    raw["pipeline"] = "centralized"
+    raw["train"]["steps"] = 3
+    del raw["federated"], raw["rlhf"]
+    run(config_from_dict(raw, "test"), quiet=True)
+    trained, _ = read_adapter(tmp_path / "runs" / "central" / "checkpoints" / "selector.safetensors")
+    raw = rlhf_config(tmp_path, name="rl3", selectors_from=str(tmp_path / "runs" / "central"), best_of_n=0)
+    out = run(config_from_dict(raw, "test"), quiet=True)
+    assert events(out, "selectors")[0]["names"] == ["selector"]
+    assert "phase1" not in out and events(out, "labels")
+    from fedbiscuit.rlhf.phase2 import load_selectors
+
+    loaded = load_selectors(tmp_path / "runs" / "central")
+    assert list(loaded) == ["selector"]
+    assert all(torch.equal(loaded["selector"][k], v) for k, v in trained.items())
 
 
 @pytest.mark.parametrize("method", ["feddpo", "fedsft"])

@@ -82,3 +82,65 @@ def knockout(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> l
             winners[k] + ([a[-1]] if len(a) % 2 else []) if len(a) > 1 else a for k, a in enumerate(alive)
         ]
     return [a[0] for a in alive]
+
+
+def bracket_winners(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> list[list[int]]:
+    """A knockout over each prompt's n candidates (n a power of 2), and every level's winner of the first
+    block: ``[level][prompt]``, where level k's winner is the pick among the first 2**k candidates (level 0 is
+    candidate 0 itself). One bracket thus gives best-of-1, 2, 4, ... n from the same samples, each pick a
+    knockout within the one before it, as a best-of-n curve needs (Gao et al. 2022, "Scaling laws for reward
+    model overoptimization"). Undecided meetings go to the earlier candidate, as in ``knockout``."""
+    n = len(candidates[0]) if candidates else 0
+    if n < 1 or n & (n - 1) or any(len(c) != n for c in candidates):
+        raise ValueError(
+            f"best-of-n brackets need the same power-of-2 number of candidates per prompt, got {n}"
+        )
+    alive = [list(range(n)) for _ in candidates]
+    levels = [[0] * len(candidates)]
+    while len(alive[0]) > 1:
+        meetings = [(k, a[m], a[m + 1]) for k, a in enumerate(alive) for m in range(0, len(a), 2)]
+        probs = judge.prefer(
+            [prompts[k] for k, _, _ in meetings],
+            [candidates[k][i] for k, i, _ in meetings],
+            [candidates[k][j] for k, _, j in meetings],
+        )
+        alive = [[] for _ in candidates]
+        for (k, i, j), p in zip(meetings, probs, strict=True):
+            alive[k].append(i if p >= 0.5 else j)
+        levels.append([a[0] for a in alive])
+    return levels
+
+
+def kl_best_of_n(n: int) -> float:
+    """KL divergence of the best-of-n policy from the sampling policy: log n - (n - 1) / n (Stiennon et al.
+    2020; Gao et al. 2022 use it as the x axis of over-optimization curves)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_curve(
+    picker: Judge,
+    judge: Judge,
+    prompts: list[str],
+    candidates: list[list[str]],
+    baseline: list[str],
+    lengths: list[list[int]] | None = None,
+) -> list[dict]:
+    """For n = 1, 2, 4, ... len(candidates[i]): the picker's best-of-n against ``baseline`` (an independent
+    sample of the same prompt), judged both by ``judge`` (the gold judge: it saw none of the picker's data) and
+    by the picker itself (the proxy). Gold rising with n: the picker carries signal the judge agrees with;
+    proxy rising while gold falls: over-optimization. At n = 1 both read two independent samples: about 50%."""
+    rows = []
+    for level, picks in enumerate(bracket_winners(picker, prompts, candidates)):
+        n = 2**level
+        chosen = [c[i] for c, i in zip(candidates, picks, strict=True)]
+        row = {
+            "n": n,
+            "kl_bon": kl_best_of_n(n),
+            "gold": win_rate(judge, prompts, chosen, baseline),
+            "proxy": win_rate(picker, prompts, chosen, baseline),
+            "picks": picks,
+        }
+        if lengths is not None:
+            row["mean_new_tokens"] = sum(x[i] for x, i in zip(lengths, picks, strict=True)) / len(picks)
+        rows.append(row)
+    return rows

@@ -42,14 +42,19 @@ JUDGE = "judge"
 
 # ------------------------------------------------------------------------------------------ inputs
 def load_selectors(run_dir: str | Path) -> dict:
-    """The selectors of a finished federated run: its newest checkpoint."""
+    """The selectors of a finished phase-1 run: a federated run's newest round checkpoint (every selector), or
+    a centralized run's one selector (checkpoints/selector.safetensors)."""
     folder = Path(run_dir) / "checkpoints"
     found = list_checkpoints(folder)
-    if not found:
-        raise FileNotFoundError(
-            f"rlhf.selectors_from={run_dir}: no round-*.safetensors checkpoint in {folder}"
-        )
-    return load_checkpoint(found[-1]).selectors
+    if found:
+        return load_checkpoint(found[-1]).selectors
+    single = folder / f"{SELECTOR}.safetensors"
+    if single.is_file():
+        return {SELECTOR: read_adapter(single)[0]}
+    raise FileNotFoundError(
+        f"rlhf.selectors_from={run_dir}: neither a round-*.safetensors checkpoint (a federated run) nor "
+        f"{SELECTOR}.safetensors (a centralized run) in {folder}"
+    )
 
 
 def choose_prompts(ws: Workspace) -> tuple[list[str], list[str], list[str]]:
