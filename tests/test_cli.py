@@ -382,4 +382,44 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
         timeout=600,
     )
     said = " ".join((federated.stdout + federated.stderr).split())  # rich wraps lines
-    assert federated.returncode != 0 and "only pipeline: centralized trains data-parallel" in said
+    assert federated.returncode != 0 and "a federated run (pipeline: federated) spreads its clients" in said
+
+    # phase 2 on the finished selector: generation and DPO split across the processes, the same policy
+    raw = yaml.safe_load(config.read_text())
+    del raw["train"]["steps"]  # a phase-2 run trains no selector: its length is not train's to set
+    config = tmp_path / "p2.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    p2 = [
+        "pipeline=rlhf",
+        f"rlhf.selectors_from={tmp_path / 'runs' / 'one'}",
+        "rlhf.num_prompts=6",
+        "rlhf.eval_prompts=3",
+        "rlhf.best_of_n=0",
+        "rlhf.generation.max_new_tokens=6",
+        "rlhf.generation.batch_size=2",
+        "rlhf.dpo.batch_size=2",
+        "rlhf.dpo.epochs=2",
+        "rlhf.dpo.lr=1e-3",
+        "--quiet",
+        "--overwrite",
+    ]
+    single = runner.invoke(app, ["run", str(config), "name=p2one", *p2], terminal_width=200)
+    assert single.exit_code == 0, single.output
+    done = subprocess.run(
+        [*launch, "run", str(config), "name=p2two", *p2], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = load_file(runs / "p2one" / "checkpoints" / "policy.safetensors")
+    two = load_file(runs / "p2two" / "checkpoints" / "policy.safetensors")
+    assert one.keys() == two.keys() and any((v != 0).any() for k, v in one.items() if "lora_B" in k)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
+    unfinished = subprocess.run(
+        [*launch, "run", str(config), "name=p2x", "pipeline=rlhf", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    said = " ".join((unfinished.stdout + unfinished.stderr).split())
+    assert unfinished.returncode != 0 and "rlhf.selectors_from set" in said

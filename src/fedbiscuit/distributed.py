@@ -1,5 +1,5 @@
 """Data parallelism across processes started by a launcher (`accelerate launch`, `torchrun`): several GPUs of one
-machine (or several CPU processes) train one centralized selector together.
+machine (or several CPU processes) train one centralized selector, or run phase 2 (generation and DPO), together.
 
 Every process holds the whole model and the same data, draws the same batches, and computes its share of each
 one (rows rank, rank + world, ...); the adapter's gradients are summed across processes before every optimizer
@@ -67,3 +67,22 @@ def sum_scalars(*values: float) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process: one version of a result that floating-point nondeterminism could make
+    differ between GPUs (the selectors' labels), so that every process trains on the same pairs."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -13,12 +13,20 @@ from .rlhf.phase2 import run_rlhf
 
 def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     if distributed.launched():  # one of several processes (accelerate launch): data-parallel training
-        if cfg.pipeline != "centralized":
+        n = os.environ["WORLD_SIZE"]
+        if cfg.pipeline == "federated":
             raise ValueError(
-                f"launched as {os.environ['WORLD_SIZE']} processes, but only pipeline: centralized trains "
-                f"data-parallel (this config is pipeline: {cfg.pipeline}); a federated run spreads its clients "
-                "with its engines (Flower's simulation: federated.flower.simulation.gpus_per_client), and phase 2 "
-                "runs in one process: start it without the launcher"
+                f"launched as {n} processes, but a federated run (pipeline: federated) spreads its clients with "
+                "its engines (Flower's simulation: federated.flower.simulation.gpus_per_client): start it "
+                "without the launcher"
+            )
+        if cfg.pipeline == "rlhf" and (cfg.rlhf.method != "selectors" or not cfg.rlhf.selectors_from):
+            raise ValueError(
+                f"launched as {n} processes: phase 2 runs data-parallel on finished selectors "
+                f"(rlhf.method: selectors with rlhf.selectors_from set; this config has rlhf.method: "
+                f"{cfg.rlhf.method}, rlhf.selectors_from: {cfg.rlhf.selectors_from}). Train the selectors "
+                "first (a federated run, without the launcher); the feddpo and fedsft baselines train through "
+                "the federated engines and also run without it"
             )
         distributed.join()
         if not distributed.is_main():  # the same training; its files and printout are rank 0's alone

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .. import distributed
 from ..config import DPOConfig, GenerationConfig
 from .generation import encode_prompts, reply_end_id
 
@@ -263,6 +264,7 @@ def train_dpo(
     optimizer = optimizer or make_dpo_optimizer(model, adapter, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     batches = epoch_batches(len(prefs), cfg.batch_size, torch.Generator().manual_seed(seed))
+    rank, world = distributed.world()
     was_training = model.training
     # DPO runs without dropout (LoRA's or the base's), like the reference pass and trl's disable_dropout: the
     # policy/reference log-ratio then starts at exactly zero instead of as dropout noise. SFT keeps it.
@@ -275,26 +277,41 @@ def train_dpo(
             # kept on the device until the step ends: one host sync per optimizer step, not per micro-batch
             step_losses, step_chosen, step_rejected = [], [], []
             for _ in range(cfg.grad_accum):
-                idx = next(batches)
+                whole = next(batches)  # the same on every process (same generator)
+                # several processes: each takes every world-th pair of the micro-batch, and its loss is its
+                # pairs' sum over the whole micro-batch's size, so the summed gradients are the mean's
+                idx = whole[rank::world]
+                if not idx:
+                    continue
                 batch = [prefs[i] for i in idx]
                 if sft:
                     logp = response_logps(model, [p.prompt for p in batch], [p.chosen for p in batch], pad_id)
-                    loss = -(logp / torch.tensor([len(p.chosen) for p in batch], device=logp.device)).mean()
+                    per_pair = -(logp / torch.tensor([len(p.chosen) for p in batch], device=logp.device))
                     chosen_r = rejected_r = torch.zeros(len(batch))
                 else:
                     pc, pr = pair_logps(model, batch, pad_id)
                     r = ref[idx].to(pc.device)
                     logps = loss_inputs(cfg.loss, batch, pc, pr, r[:, 0], r[:, 1])
                     per_pair, chosen_r, rejected_r = dpo_loss(*logps, cfg.beta, cfg.loss)
-                    loss = per_pair.mean()
+                loss = per_pair.sum() / len(whole)
                 (loss / cfg.grad_accum).backward()
                 step_losses.append(loss.detach())
                 step_chosen.append(chosen_r.detach().reshape(-1))
                 step_rejected.append(rejected_r.detach().reshape(-1))
             # statistics of exactly the pairs the micro-batches held, however many that was
-            step_loss = float(torch.stack(step_losses).float().mean().cpu())
-            chosen_s = torch.cat(step_chosen).float().cpu()
-            rejected_s = torch.cat(step_rejected).float().cpu()
+            if step_losses:
+                step_loss = float(torch.stack(step_losses).float().sum().cpu()) / cfg.grad_accum
+                chosen_s = torch.cat(step_chosen).float().cpu()
+                rejected_s = torch.cat(step_rejected).float().cpu()
+            else:  # more processes than pairs in this step's micro-batches: nothing to add here
+                step_loss, chosen_s, rejected_s = 0.0, torch.zeros(0), torch.zeros(0)
+            if world > 1:
+                distributed.sum_gradients(params)
+                (step_loss,) = distributed.sum_scalars(step_loss)
+                # every process logs the whole step's pairs (in rank order, not the single process's order)
+                shares = distributed.all_gather_objects((chosen_s, rejected_s))
+                chosen_s = torch.cat([c for c, _ in shares])
+                rejected_s = torch.cat([r for _, r in shares])
             margin = chosen_s - rejected_s
             margins += margin.tolist()
             hits += (margin > 0).float().tolist()

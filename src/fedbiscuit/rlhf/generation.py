@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import GenerationConfig
 from ..runs import atomic_write_text
 from ..selector.encoding import adds_bos
@@ -242,7 +243,11 @@ def sample(
         if adapter is not None:
             model.set_adapter(adapter)
         with ctx:
-            for start in range(0, len(prompts), cfg.batch_size):
+            # Under a launcher each process generates every world-th batch, seeded by the batch's offset as one
+            # process would, and the batches are gathered: the same samples, in the same order, on every process.
+            rank, world = distributed.world()
+            done: dict[int, tuple] = {}
+            for start in list(range(0, len(prompts), cfg.batch_size))[rank::world]:
                 chunk = prompts[start : start + cfg.batch_size]
                 ids = encode_prompts(tokenizer, chunk, cfg)
                 width = max(len(x) for x in ids)
@@ -266,22 +271,29 @@ def sample(
                     eos_token_id=stops,
                 )
                 new = out[:, width:].cpu()
+                part = ([], [], [], [])
                 for i in range(len(chunk)):
                     rows = [cut_at_stop(new[i * n + j].tolist(), stops) for j in range(n)]
                     # the text (for selectors and judges) drops the stop token and surrounding whitespace;
                     # the ids keep exactly what was sampled
-                    texts.append(
+                    part[0].append(
                         [tokenizer.decode(r[:k], skip_special_tokens=True).strip() for r, k, _ in rows]
                     )
-                    lengths.append([k for _, k, _ in rows])
-                    finished.append([done for _, _, done in rows])
-                    tokens.append([r for r, _, _ in rows])
+                    part[1].append([k for _, k, _ in rows])
+                    part[2].append([stopped for _, _, stopped in rows])
+                    part[3].append([r for r, _, _ in rows])
+                done[start] = part
                 bar.update(len(chunk))
+            for share in distributed.all_gather_objects(done):
+                done.update(share)
+            for start in sorted(done):
+                for whole, piece in zip((texts, lengths, finished, tokens), done[start], strict=True):
+                    whole.extend(piece)
     finally:
         bar.close()
         model.train(was_training)
     result = Candidates(list(prompts), texts, lengths, key, False, finished, tokens)
-    if cache_dir is not None:
+    if cache_dir is not None and distributed.is_main():  # every process holds the same result
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         payload = {
             "prompts": result.prompts,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import LoraSettings, ModelConfig, RunConfig
 from ..data.pairs import prompt_hash
 from ..federated.checkpoint import list_checkpoints, load_checkpoint
@@ -227,6 +228,9 @@ class Phase2:
                     swap_average=rl.swap_average,
                     batch_size=cfg.eval.batch_size,
                 )
+                labels = distributed.broadcast_object(
+                    labels
+                )  # under a launcher: every process, rank 0's pairs
                 self._timed("labelling", t)
                 self.rundir.log(
                     {
