@@ -117,7 +117,13 @@ def main() -> None:
     picker = VoteJudge(ws.model, ws.encoder, ws.choice_ids, labellers, SELECTOR, True, cfg.eval.batch_size)
     judge = SelectorJudge(ws.model, ws.encoder, ws.choice_ids, gold, SELECTOR, f"gold {gold_name}")
     curve = best_of_n_curve(
-        picker, judge, prompts, candidates, baseline, lengths=[x[: args.n] for x in out.new_tokens]
+        picker,
+        judge,
+        prompts,
+        candidates,
+        baseline,
+        lengths=[x[: args.n] for x in out.new_tokens],
+        baseline_lengths=[x[args.n] for x in out.new_tokens],
     )
 
     def cell(w: dict) -> str:
@@ -125,12 +131,13 @@ def main() -> None:
 
     print(f"\n{len(prompts)} prompts; the pick against an independent sample of the same prompt")
     print(
-        "n | KL_bon | gold (both orders agree) | gold (probabilities averaged) | proxy (labellers) | pick tokens"
+        "n | KL_bon | gold (both orders agree) | gold (probabilities averaged) | gold, length-controlled "
+        "| proxy (labellers) | pick tokens"
     )
     for r in curve:
         print(
             f"{r['n']} | {r['kl_bon']:.2f} | {cell(r['gold'])} | {100 * r['gold']['mean_prob']:.1f}% | "
-            f"{cell(r['proxy'])} | {r['mean_new_tokens']:.1f}"
+            f"{cell(r['gold']['length_controlled'])} | {cell(r['proxy'])} | {r['mean_new_tokens']:.1f}"
         )
     if args.plot:
         import matplotlib

@@ -30,7 +30,7 @@ from common import ROOT, write_json
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build(name: str, device: str, dtype: torch.dtype):
+def build(name: str, device: str, dtype: torch.dtype, layers: int = 18):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fedbiscuit.config import config_from_dict
@@ -49,7 +49,7 @@ def build(name: str, device: str, dtype: torch.dtype):
         vocab_size=256_000,
         hidden_size=2048,
         intermediate_size=16_384,
-        num_hidden_layers=18,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=1,
         head_dim=256,

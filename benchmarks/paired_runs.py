@@ -14,9 +14,9 @@ same way.
 A run is a federated run folder (its last round checkpoint) or a centralized one (its selector.safetensors);
 "untrained" is the fresh adapter of the other run's config (LoRA starts as a no-op: the base model).
 
-Several comparisons on the same test pairs are also pooled: per pair the mean difference over the comparisons,
-with a paired bootstrap over the pairs. That interval is conditional on the seeds run (it does not sample
-seeds), and says so. The JSON keeps every run's per-pair outcomes, so other paired statistics need no
+Comparisons of the same two arms in several seeds (run folders named ``<arm>_s<seed>``) are also pooled: per
+pair the mean over the seeds, a paired bootstrap over the pairs and the sign test of the per-pair mean
+differences. That interval is conditional on the seeds run (it does not sample seeds), and says so. The JSON keeps every run's per-pair outcomes, so other paired statistics need no
 rescoring.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,11 @@ def run_correct(ws, run: str, untrained: dict):
     return ckpt, logged, outcomes
 
 
+def arm(run: str) -> str:
+    """A run's arm: its folder name without a trailing "_s<seed>" ("untrained" stays itself)."""
+    return re.sub(r"_s\d+$", "", Path(run).name)
+
+
 def pair_key(pair) -> str:
     """A test pair's identity by content: two runs may partition and order the same pairs differently
     (a centralized run's clients are the subsets, a federated run's their parts)."""
@@ -157,6 +163,7 @@ def _ci(ci: list[float]) -> str:
 def fmt(c: dict) -> str:
     lo, hi = c["ci95"]
     test = f", McNemar p={c['mcnemar_p']:.2g}" if "mcnemar_p" in c else ""
+    test += f", sign test p={c['sign_p']:.2g}" if "sign_p" in c else ""
     return (
         f"{100 * c['before']:.1f}% {_ci(c['before_ci95'])} -> {100 * c['after']:.1f}% {_ci(c['after_ci95'])}: "
         f"{100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
@@ -175,7 +182,7 @@ def main() -> None:
     from fedbiscuit.models.adapters import adapter_state
     from fedbiscuit.pipeline import SELECTOR, open_workspace
 
-    results, diffs, subsets_all, poolable = [], [], None, True
+    results, diffs = [], []
     # Each run is scored in a workspace opened with its own config (its own partition of the data), once
     # however many comparisons name it; the comparison then pairs the outcomes by test pair content, so a
     # centralized run and a federated one on the same test pairs compare directly.
@@ -215,9 +222,7 @@ def main() -> None:
             }
             for name, r, x in ((base, runs[0], a), (other, runs[1], b))
         ]
-        poolable = poolable and (subsets_all is None or subsets_all == subsets)
-        subsets_all = subsets
-        c = compare(a, b, subsets_all)
+        c = compare(a, b, subsets)
         print(f"{other} against {base}:")
         for k, v in c.items():
             print(f"  {k:28s} {fmt(v)}")
@@ -229,24 +234,38 @@ def main() -> None:
                 "comparison": c,
                 "runs": scored,
                 # per test pair (sorted by pair key), so any other paired statistic can be computed later
-                "outcomes": {"subsets": subsets_all, str(base): a.tolist(), str(other): b.tolist()},
+                "outcomes": {"subsets": subsets, str(base): a.tolist(), str(other): b.tolist()},
             }
         )
     out = {"comparisons": results}
-    if len(diffs) > 1 and not poolable:
-        print("not pooled: the comparisons judge different test pairs")
-    elif len(diffs) > 1:
-        a = torch.stack([d[0] for d in diffs]).mean(0)
-        b = torch.stack([d[1] for d in diffs]).mean(0)
-        # McNemar needs one outcome per pair, so the pooled figures keep the difference and its interval only
-        pooled = {
-            k: {x: y for x, y in v.items() if x not in ("gained", "lost", "mcnemar_p")}
-            for k, v in compare(a, b, subsets_all).items()
-        }
-        print(f"pooled over {len(diffs)} comparisons (per pair the mean; conditional on these seeds):")
+    # Comparisons of the same two arms (run names without their "_s<seed>" suffix) are pooled: per pair the
+    # mean over the seeds, a paired bootstrap over pairs, and the sign test of the per-pair mean differences
+    # (McNemar needs one outcome per pair; a pooled pair has one per seed). Conditional on the seeds run.
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (base, other) in enumerate(args.compare):
+        groups.setdefault((arm(base), arm(other)), []).append(i)
+    pools = []
+    for (base_arm, other_arm), members in groups.items():
+        if len(members) < 2:
+            continue
+        if len({tuple(results[i]["outcomes"]["subsets"]) for i in members}) > 1:
+            print(f"not pooled: {other_arm} against {base_arm} judges different test pairs across seeds")
+            continue
+        a = torch.stack([diffs[i][0] for i in members]).mean(0)
+        b = torch.stack([diffs[i][1] for i in members]).mean(0)
+        pooled = {}
+        for k, v in compare(a, b, results[members[0]]["outcomes"]["subsets"]).items():
+            v["sign_p"] = v.pop("mcnemar_p")
+            pooled[k] = v
+        print(
+            f"{other_arm} against {base_arm}, pooled over {len(members)} seeds (per pair the mean; conditional on them):"
+        )
         for k, v in pooled.items():
             print(f"  {k:28s} {fmt(v)}")
-        out["pooled"] = pooled
+        pools.append({"baseline": base_arm, "other": other_arm, "seeds": len(members), "pooled": pooled})
+    out["pools"] = pools
+    if len(pools) == 1:
+        out["pooled"] = pools[0]["pooled"]
     write_json(args.json, out)
 
 

@@ -176,6 +176,7 @@ def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp
         "rlhf.dpo.batch_size=2",
         "rlhf.best_of_n=2",
         "rlhf.best_of_n_prompts=2",
+        "rlhf.judge.kind=phase1",  # by name: the run has no independent judge, and says so
         f"model.cache_dir={tmp_path / 'cache'}",
         "selector.path=cached",  # as the quickstart: labelling and grouping on cached trunk states
         "model.lora.top_layers=1",
@@ -395,6 +396,7 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
         "rlhf.num_prompts=6",
         "rlhf.eval_prompts=3",
         "rlhf.best_of_n=0",
+        "rlhf.judge.kind=phase1",
         "rlhf.generation.max_new_tokens=6",
         "rlhf.generation.batch_size=2",
         "rlhf.dpo.batch_size=2",
@@ -415,7 +417,7 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
     unfinished = subprocess.run(
-        [*launch, "run", str(config), "name=p2x", "pipeline=rlhf", "--quiet"],
+        [*launch, "run", str(config), "name=p2x", "pipeline=rlhf", "rlhf.judge.kind=phase1", "--quiet"],
         capture_output=True,
         text=True,
         env=env,

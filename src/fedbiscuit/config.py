@@ -489,9 +489,11 @@ class DPOConfig(_Section):
 
 class JudgeConfig(_Section):
     # selector: a selector adapter (safetensors, e.g. one trained centrally on clients the policy never saw);
-    # hf: a local Hugging Face causal LM prompted as a pairwise judge; openai: an OpenAI-compatible endpoint.
-    kind: Literal["selector", "hf", "openai"] = "selector"
-    checkpoint: str | None = None  # kind=selector: the adapter file; null = the run's first phase-1 selector
+    # hf: a local Hugging Face causal LM prompted as a pairwise judge; openai: an OpenAI-compatible endpoint;
+    # phase1: the run's own first phase-1 selector. It also labelled the training pairs, so it is NOT an
+    # independent judge: never the default, chosen only by name, and the summary says so.
+    kind: Literal["selector", "hf", "openai", "phase1"] = "selector"
+    checkpoint: str | None = None  # kind=selector: the adapter file (required)
     model: str | None = None  # kind=hf: name_or_path (null: the run's base model); kind=openai: model name
     url: str | None = None  # kind=openai; null: $OPENAI_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
@@ -556,6 +558,28 @@ class RunConfig(_Section):
             got = f" (got {data['source']!r})" if "source" in data else ""
             raise ValueError(f"data.source must be one of {', '.join(sorted(_SOURCES))}{got}")
         return raw
+
+    @model_validator(mode="after")
+    def _judge(self) -> RunConfig:
+        if self.pipeline != "rlhf":  # phase 1 alone never judges
+            return self
+        if self.rlhf.judge.kind == "selector" and not self.rlhf.judge.checkpoint:
+            raise ValueError(
+                "rlhf.judge.kind=selector needs rlhf.judge.checkpoint: a selector adapter trained on data the "
+                "policy and the labelling selectors never saw (e.g. a centralized run's "
+                "checkpoints/selector.safetensors). rlhf.judge.kind=phase1 judges with the run's own phase-1 "
+                "selector instead, which is not independent; kind=hf with the untuned base model"
+            )
+        if self.rlhf.judge.checkpoint and self.rlhf.judge.kind != "selector":
+            raise ValueError(
+                f"rlhf.judge.checkpoint is read by kind=selector only (this judge is kind={self.rlhf.judge.kind})"
+            )
+        if self.rlhf.judge.kind == "phase1" and self.rlhf.method != "selectors":
+            raise ValueError(
+                f"rlhf.judge.kind=phase1 judges with a phase-1 selector, which rlhf.method={self.rlhf.method} does not "
+                "train: set rlhf.judge.checkpoint with kind=selector, or kind=hf"
+            )
+        return self
 
     @model_validator(mode="after")
     def _personalising_needs_a_federated_run(self) -> RunConfig:

@@ -76,6 +76,28 @@ def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
     mean_diff = sum(c["comparison"]["overall"]["difference"] for c in result["comparisons"]) / 2
     assert pooled["difference"] == pytest.approx(mean_diff, abs=1e-6)
     assert "mcnemar_p" not in pooled  # one outcome per pair is what McNemar needs; a pooled pair has two
+    # pooled by arm: the run names without their seed; the sign test of the per-pair mean differences
+    (pool,) = result["pools"]
+    assert (pool["baseline"], pool["other"], pool["seeds"]) == ("fedbis", "fedbiscuit", 2)
+    assert 0 < pooled["sign_p"] < 0.05 and pooled["gained"] > pooled["lost"]
+
+
+def test_each_pair_of_arms_pools_over_its_own_seeds(runs, tmp_path):
+    out = tmp_path / "paired.json"
+    args = []
+    for s in (0, 1):
+        args += ["--compare", "untrained", str(runs["fedbis", s])]
+        args += ["--compare", str(runs["fedbis", s]), str(runs["fedbiscuit", s])]
+    done = _script(*args, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    pools = {(p["baseline"], p["other"]): p for p in result["pools"]}
+    assert set(pools) == {("untrained", "fedbis"), ("fedbis", "fedbiscuit")} and "pooled" not in result
+    for (base, other), pool in pools.items():
+        mine = [c for c in result["comparisons"] if Path(c["other"]).name.startswith(other + "_s")]
+        mine = [c for c in mine if (c["baseline"] == "untrained") == (base == "untrained")]
+        mean = sum(c["comparison"]["overall"]["difference"] for c in mine) / len(mine)
+        assert pool["seeds"] == 2 and pool["pooled"]["overall"]["difference"] == pytest.approx(mean, abs=1e-6)
 
 
 def test_runs_on_different_pairs_are_refused(runs, tmp_path):

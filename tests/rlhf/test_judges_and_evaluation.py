@@ -210,3 +210,38 @@ def test_an_unreadable_reply_is_a_counted_abstention(endpoint):
     _Endpoint.answer = "A"  # position bias: whatever is shown first wins, so each prompt is a tie
     rep = win_rate(judge, ["q"], ["policy answer"], ["reference answer"])
     assert rep["unparsed"] == 0 and rep["ties"] == 1
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_preference():
+    from fedbiscuit.rlhf.evaluation import length_controlled
+
+    rng = random.Random(0)
+    diffs = [rng.gauss(30, 40) for _ in range(400)]  # the policy is usually longer
+    length_only = [1.0 if d > 0 else 0.0 for d in diffs]  # and the judge likes length, nothing else
+    lc = length_controlled(length_only, diffs, draws=200)
+    assert sum(length_only) / len(diffs) > 0.7
+    assert abs(lc["win_rate"] - 0.5) < 0.1 and lc["length_slope"] > 3
+
+    quality = [float(rng.random() < 0.7) for _ in diffs]  # verdicts that ignore length
+    lc = length_controlled(quality, diffs, draws=200)
+    raw = sum(quality) / len(quality)
+    assert abs(lc["win_rate"] - raw) < 0.04 and abs(lc["length_slope"]) < 0.3
+    assert lc["ci95"][0] < lc["win_rate"] < lc["ci95"][1]
+
+    # both: log-odds 1 + 1.5 per standard deviation of length; at zero difference sigmoid(1) = 0.73
+    sd = (sum((d - sum(diffs) / len(diffs)) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    mixed = [float(rng.random() < 1 / (1 + math.exp(-(1 + 1.5 * d / sd)))) for d in diffs]
+    lc = length_controlled(mixed, diffs, draws=200)
+    assert abs(lc["win_rate"] - 1 / (1 + math.exp(-1))) < 0.08 and 1.0 < lc["length_slope"] < 2.2
+    with pytest.raises(ValueError, match="one length difference per verdict"):
+        length_controlled([1.0, 0.0], [3.0])
+
+
+def test_win_rate_reports_length_control_given_lengths():
+    prompts = ["p"] * 6
+    answers = ["long answer " * k for k in (3, 4, 5, 1, 6, 7)]
+    reference = ["ref " * 8] * 6
+    lens = ([len(a) for a in answers], [len(r) for r in reference])
+    rep = win_rate(LengthJudge(), prompts, answers, reference, lengths=lens)
+    assert "length_controlled" in rep and 0 <= rep["length_controlled"]["win_rate"] <= 1
+    assert "length_controlled" not in win_rate(LengthJudge(), prompts, answers, reference)

@@ -29,6 +29,7 @@ def rlhf_config(tmp_path, name="rl", algorithm="fedbiscuit", **rlhf):
         "dpo": {"batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "log_every": 1},
         "best_of_n": 3,
         "best_of_n_prompts": 3,
+        "judge": {"kind": "phase1"},  # by name: the test runs have no independent judge
         **rlhf,
     }
     return raw
@@ -136,7 +137,7 @@ def test_policy_clients_send_only_adapter_tensors_and_numbers(tmp_path):
     from fedbiscuit.models.tiny import tiny_model
     from fedbiscuit.rlhf.baselines import POLICY, PolicyClient
 
-    cfg = config_from_dict(rlhf_config(tmp_path, method="feddpo"), "test")
+    cfg = config_from_dict(rlhf_config(tmp_path, method="feddpo", judge={"kind": "hf"}), "test")
     data = prepare_data(cfg.data)
     model, tok = tiny_model()
     model = add_adapter(model, POLICY, LoraSettings(r=4, alpha=8))
@@ -154,6 +155,14 @@ def test_phase2_config_errors_name_the_key(tmp_path):
     raw = rlhf_config(tmp_path, dpo={"beta": 0})
     with pytest.raises(ConfigError, match="beta"):
         config_from_dict(raw, "test")
-    raw = rlhf_config(tmp_path, method="feddpo")  # judge defaults to a phase-1 selector, which feddpo lacks
-    with pytest.raises(ValueError, match="rlhf.judge.checkpoint"):
-        run(config_from_dict(raw, "test"), quiet=True)
+    # the run's own phase-1 selector is never the default judge: a selector judge needs its checkpoint
+    with pytest.raises(ConfigError, match="rlhf.judge.kind=selector needs rlhf.judge.checkpoint"):
+        config_from_dict(rlhf_config(tmp_path, judge={"kind": "selector"}), "test")
+    with pytest.raises(ConfigError, match="rlhf.judge.kind=phase1 .* rlhf.method=feddpo"):
+        config_from_dict(rlhf_config(tmp_path, method="feddpo"), "test")
+    with pytest.raises(ConfigError, match="rlhf.judge.checkpoint is read by kind=selector only"):
+        config_from_dict(rlhf_config(tmp_path, judge={"kind": "hf", "checkpoint": "x.safetensors"}), "test")
+    raw = rlhf_config(tmp_path)
+    raw["pipeline"] = "federated"  # phase 1 alone never judges: its rlhf defaults need no judge
+    del raw["rlhf"]
+    config_from_dict(raw, "test")

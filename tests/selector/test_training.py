@@ -129,7 +129,13 @@ def test_schedule_settings_that_would_be_ignored_are_errors_naming_the_key():
     with pytest.raises(ConfigError, match=r"train.min_lr_ratio=0.1 is the floor of a decay"):
         config_from_dict({"train": {"min_lr_ratio": 0.1}})
     with pytest.raises(ConfigError, match=r"rlhf.method='feddpo' trains no selector"):
-        config_from_dict({"pipeline": "rlhf", "rlhf": {"method": "feddpo"}, "train": {"schedule": "linear"}})
+        config_from_dict(
+            {
+                "pipeline": "rlhf",
+                "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}},
+                "train": {"schedule": "linear"},
+            }
+        )
 
 
 def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_little_padding():

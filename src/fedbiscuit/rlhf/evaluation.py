@@ -3,7 +3,9 @@
 A prompt is a win when the judge prefers the policy's answer in both orders, a loss when it prefers the
 reference in both, and a tie otherwise (the judge changed its mind with the order, or the texts are equal).
 Win rate = (wins + ties / 2) / prompts, with a normal-approximation 95% interval over prompts. Also reported:
-the win rate when each prompt's two verdicts are averaged first (softer, for judges with a position bias).
+the win rate when each prompt's two verdicts are averaged first (softer, for judges with a position bias), and,
+given the answers' lengths, the length-controlled win rate (the verdict regressed on the length difference, read
+at zero difference): a gain that is only longer answers shows there as none.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import math
 from .judges import Judge
 
 
-def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: list[str]) -> dict:
+def win_rate(
+    judge: Judge,
+    prompts: list[str],
+    answers: list[str],
+    reference: list[str],
+    lengths: tuple[list[int], list[int]] | None = None,
+) -> dict:
+    """``lengths``: (the answers' lengths, the reference's), in tokens: adds the length-controlled win rate."""
     if not prompts:
         raise ValueError("no prompts to judge")
     abstained = getattr(judge, "unparsed", 0)  # the judge counts over its lifetime; report this call's
@@ -59,6 +68,11 @@ def win_rate(judge: Judge, prompts: list[str], answers: list[str], reference: li
         "averaged_win_rate": sum(soft) / n,
         # judge replies with no verdict, over both orders (each scored 0.5: a tie unless the other order decides)
         "unparsed": getattr(judge, "unparsed", 0) - abstained,
+        **(
+            {"length_controlled": length_controlled(scores, [a - r for a, r in zip(*lengths, strict=True)])}
+            if lengths is not None and n > 1
+            else {}
+        ),
     }
 
 
@@ -124,6 +138,7 @@ def best_of_n_curve(
     candidates: list[list[str]],
     baseline: list[str],
     lengths: list[list[int]] | None = None,
+    baseline_lengths: list[int] | None = None,
 ) -> list[dict]:
     """For n = 1, 2, 4, ... len(candidates[i]): the picker's best-of-n against ``baseline`` (an independent
     sample of the same prompt), judged both by ``judge`` (the gold judge: it saw none of the picker's data) and
@@ -133,14 +148,62 @@ def best_of_n_curve(
     for level, picks in enumerate(bracket_winners(picker, prompts, candidates)):
         n = 2**level
         chosen = [c[i] for c, i in zip(candidates, picks, strict=True)]
+        both = None
+        if lengths is not None and baseline_lengths is not None:
+            both = ([x[i] for x, i in zip(lengths, picks, strict=True)], baseline_lengths)
         row = {
             "n": n,
             "kl_bon": kl_best_of_n(n),
-            "gold": win_rate(judge, prompts, chosen, baseline),
-            "proxy": win_rate(picker, prompts, chosen, baseline),
+            "gold": win_rate(judge, prompts, chosen, baseline, both),
+            "proxy": win_rate(picker, prompts, chosen, baseline, both),
             "picks": picks,
         }
         if lengths is not None:
             row["mean_new_tokens"] = sum(x[i] for x, i in zip(lengths, picks, strict=True)) / len(picks)
         rows.append(row)
     return rows
+
+
+def length_controlled(
+    scores: list[float], length_diff: list[float], draws: int = 1000, seed: int = 0
+) -> dict:
+    """The win rate at zero length difference: a logistic regression of each prompt's verdict (1, 0.5 or 0)
+    on the length difference (the policy's answer minus the reference's, in tokens, scaled by its standard
+    deviation), read at zero, as AlpacaEval 2's length-controlled win rate does (reduced to its length term;
+    Dubois et al. 2024). Also the slope: how much a standard deviation of extra length moves the verdict's
+    log-odds. The interval is a bootstrap over prompts. Fitted by Newton's method with a small ridge (written
+    here: sklearn and statsmodels are not dependencies for one two-parameter fit; the ridge keeps the fit
+    finite when length alone separates the verdicts)."""
+    import torch
+
+    y = torch.tensor(scores, dtype=torch.float64)
+    d = torch.tensor(length_diff, dtype=torch.float64)
+    if len(y) != len(d) or len(y) < 2:
+        raise ValueError(f"need one length difference per verdict, at least 2 (got {len(y)} and {len(d)})")
+    scale = float(d.std()) or 1.0
+    x = torch.stack([torch.ones_like(d), d / scale], 1)
+
+    def fit(idx: torch.Tensor) -> torch.Tensor:
+        xs, ys, w = x[idx], y[idx], torch.zeros(2, dtype=torch.float64)
+        ridge = 1e-3 * len(idx) * torch.eye(2, dtype=torch.float64)
+        for _ in range(50):
+            p = torch.sigmoid(xs @ w)
+            grad = xs.T @ (p - ys) + ridge @ w
+            hess = xs.T @ (xs * (p * (1 - p)).unsqueeze(1)) + ridge
+            step = torch.linalg.solve(hess, grad)
+            w = w - step
+            if float(step.abs().max()) < 1e-10:
+                break
+        return w
+
+    w = fit(torch.arange(len(y)))
+    gen = torch.Generator().manual_seed(seed)
+    boot = torch.stack([fit(torch.randint(0, len(y), (len(y),), generator=gen)) for _ in range(draws)])
+    lc = torch.sigmoid(boot[:, 0])
+    return {
+        "win_rate": float(torch.sigmoid(w[0])),
+        "ci95": [float(lc.quantile(0.025)), float(lc.quantile(0.975))],
+        "length_slope": float(w[1]),  # log-odds per standard deviation of length difference
+        "length_sd_tokens": scale,
+        "mean_length_diff": float(d.mean()),
+    }

@@ -94,7 +94,7 @@ def build_judge(ws: Workspace, selectors: dict | None):
         )
         encoder, choice_ids = _encoder(tokenizer, ws)
         return SelectorJudge(model, encoder, choice_ids, None, None, j.model), f"{j.model}, untuned"
-    if j.checkpoint:
+    if j.kind == "selector":  # the config requires its checkpoint
         state, meta = read_adapter(j.checkpoint)
         lora = LoraSettings(**json.loads(meta["lora"])) if "lora" in meta else cfg.model.lora
         if JUDGE not in ws.model.peft_config:
@@ -103,14 +103,13 @@ def build_judge(ws: Workspace, selectors: dict | None):
         return SelectorJudge(ws.model, encoder, choice_ids, state, JUDGE, f"selector {j.checkpoint}"), (
             f"the selector in {j.checkpoint}"
         )
+    # kind: phase1, chosen by name
     if not selectors:
-        raise ValueError(
-            "rlhf.judge.kind=selector needs rlhf.judge.checkpoint when there are no phase-1 selectors"
-        )
+        raise ValueError("rlhf.judge.kind=phase1 needs phase-1 selectors, and this run has none")
     name, state = next(iter(selectors.items()))
     return SelectorJudge(ws.model, ws.encoder, ws.choice_ids, state, SELECTOR, name), (
-        f"phase-1 {name}: NOT independent (it also labelled the training pairs); set rlhf.judge.checkpoint to a "
-        "selector trained on data the policy never saw"
+        f"phase-1 {name}: NOT independent (it also labelled the training pairs; rlhf.judge.kind=phase1); set "
+        "rlhf.judge.checkpoint to a selector trained on data the policy never saw"
     )
 
 
@@ -151,6 +150,7 @@ class Phase2:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cache = cache_root(self.cfg.model) / "candidates"
         self.timings: dict[str, float] = {}
+        self.reference_tokens: list[int] = []  # the evaluation references' lengths, for length control
 
     def _timed(self, key: str, start: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
@@ -203,8 +203,13 @@ class Phase2:
         if rl.reference == "initial":
             refs = self._sample(eval_prompts, None, cfg.seed + 500, n=1, desc="reference answers")
             reference, ref_len = [r[0] for r in refs.texts], refs.mean_length()
+            self.reference_tokens = [n[0] for n in refs.new_tokens]
         else:
             reference, ref_len = data_refs, None
+            # the data's answers in the policy's tokens, for the length-controlled win rate
+            self.reference_tokens = [
+                len(ws.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in reference
+            ]
         judge, judge_note = build_judge(ws, selectors)
         summary["judge"] = judge_note
         curve = [self._win_rate(judge, eval_prompts, reference, None, -1, "initial policy")]
@@ -346,7 +351,8 @@ class Phase2:
             prompts, adapter, self.cfg.seed + 1000 + iteration, n=1, desc=f"answers ({label})"
         )
         t = time.perf_counter()
-        report = win_rate(judge, prompts, [a[0] for a in answers.texts], reference)
+        lengths = ([n[0] for n in answers.new_tokens], self.reference_tokens[: len(prompts)])
+        report = win_rate(judge, prompts, [a[0] for a in answers.texts], reference, lengths)
         self._timed("judging", t)
         report.update(iteration=iteration, label=label, mean_new_tokens=answers.mean_length())
         self.rundir.log({"event": "winrate", **report})
@@ -376,8 +382,23 @@ class Phase2:
         report = {
             "n": rl.best_of_n,
             "prompts": len(prompts),
-            "pick_vs_reference": win_rate(judge, prompts, picked, reference),
-            "first_vs_reference": win_rate(judge, prompts, first, reference),
+            "pick_vs_reference": win_rate(
+                judge,
+                prompts,
+                picked,
+                reference,
+                (
+                    [n[i] for n, i in zip(samples.new_tokens, picks, strict=True)],
+                    self.reference_tokens[: len(prompts)],
+                ),
+            ),
+            "first_vs_reference": win_rate(
+                judge,
+                prompts,
+                first,
+                reference,
+                ([n[0] for n in samples.new_tokens], self.reference_tokens[: len(prompts)]),
+            ),
             "pick_mean_new_tokens": sum(n[i] for n, i in zip(samples.new_tokens, picks, strict=True))
             / len(picks),
             "first_mean_new_tokens": sum(n[0] for n in samples.new_tokens) / len(picks),
