@@ -16,7 +16,12 @@ A run is a federated run folder (its last round checkpoint) or a centralized one
 
 Comparisons of the same two arms in several seeds (run folders named ``<arm>_s<seed>``) are also pooled: per
 pair the mean over the seeds, a paired bootstrap over the pairs and the sign test of the per-pair mean
-differences. That interval is conditional on the seeds run (it does not sample seeds), and says so. The JSON keeps every run's per-pair outcomes, so other paired statistics need no
+differences. That interval is conditional on the seeds run (it does not sample seeds), and says so.
+``--reuse FILE`` adds the comparisons an earlier invocation wrote to its --json, without scoring them again, so
+each seed's runs are scored once, as they finish:
+
+    python benchmarks/paired_runs.py --compare untrained runs/a_s0 --json s0.json
+    python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1 The JSON keeps every run's per-pair outcomes, so other paired statistics need no
 rescoring.
 """
 
@@ -172,9 +177,18 @@ def fmt(c: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", nargs=2, action="append", metavar=("BASELINE", "OTHER"), required=True)
+    p.add_argument("--compare", nargs=2, action="append", metavar=("BASELINE", "OTHER"), default=[])
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="comparisons an earlier run of this script wrote (--json): pooled with these, not scored again",
+    )
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
+    if not args.compare and not args.reuse:
+        p.error("give at least one --compare or --reuse")
 
     import torch
 
@@ -237,12 +251,21 @@ def main() -> None:
                 "outcomes": {"subsets": subsets, str(base): a.tolist(), str(other): b.tolist()},
             }
         )
+    named = [tuple(c) for c in args.compare]
+    for path in args.reuse:
+        for comp in json.loads(Path(path).read_text())["comparisons"]:
+            base, other = comp["baseline"], comp["other"]
+            o = comp["outcomes"]
+            results.append(comp)
+            diffs.append((torch.tensor(o[base]), torch.tensor(o[other])))
+            named.append((base, other))
+            print(f"{other} against {base}: from {path}")
     out = {"comparisons": results}
     # Comparisons of the same two arms (run names without their "_s<seed>" suffix) are pooled: per pair the
     # mean over the seeds, a paired bootstrap over pairs, and the sign test of the per-pair mean differences
     # (McNemar needs one outcome per pair; a pooled pair has one per seed). Conditional on the seeds run.
     groups: dict[tuple[str, str], list[int]] = {}
-    for i, (base, other) in enumerate(args.compare):
+    for i, (base, other) in enumerate(named):
         groups.setdefault((arm(base), arm(other)), []).append(i)
     pools = []
     for (base_arm, other_arm), members in groups.items():

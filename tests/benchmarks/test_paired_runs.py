@@ -81,6 +81,13 @@ def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
     assert (pool["baseline"], pool["other"], pool["seeds"]) == ("fedbis", "fedbiscuit", 2)
     assert 0 < pooled["sign_p"] < 0.05 and pooled["gained"] > pooled["lost"]
 
+    # the same pool from the saved outcomes, nothing scored again
+    again = tmp_path / "again.json"
+    done = _script("--reuse", str(out), "--json", str(again))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "agreement" not in done.stdout  # no run was scored
+    assert json.loads(again.read_text())["pooled"]["overall"] == pooled
+
 
 def test_each_pair_of_arms_pools_over_its_own_seeds(runs, tmp_path):
     out = tmp_path / "paired.json"
