@@ -361,27 +361,27 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
         "fedbiscuit.cli",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*launch, "run", str(config), "name=two", *args], capture_output=True, text=True, env=env, timeout=600
-    )
+
+    def launched(path, *more):
+        return subprocess.run(
+            [*launch, "run", str(path), *more], capture_output=True, text=True, env=env, timeout=600
+        )
+
+    def same_checkpoint(a, b, name):
+        one, two = (load_file(tmp_path / "runs" / r / "checkpoints" / name) for r in (a, b))
+        assert one.keys() == two.keys() and any((v != 0).any() for k, v in one.items() if "lora_B" in k)
+        for key in one:
+            # float sums in another order (halves, then across processes), through a few Adam steps
+            torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+
+    done = launched(config, "name=two", *args)
     assert done.returncode == 0, done.stdout + done.stderr
-    runs = tmp_path / "runs"
-    one = load_file(runs / "one" / "checkpoints" / "selector.safetensors")
-    two = load_file(runs / "two" / "checkpoints" / "selector.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        # float sums in another order (halves, then across processes), through 3 Adam steps
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
+    same_checkpoint("one", "two", "selector.safetensors")
     assert done.stdout.count("selector agreement") == 1  # rank 0 alone reports
+    runs = tmp_path / "runs"
     events = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [e["processes"] for e in events if e.get("event") == "train_done"] == [2]
-    federated = subprocess.run(
-        [*launch, "run", str(config), "name=fed", "pipeline=federated", "train.steps=100", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    federated = launched(config, "name=fed", "pipeline=federated", "train.steps=100", "--quiet")
     said = " ".join((federated.stdout + federated.stderr).split())  # rich wraps lines
     assert federated.returncode != 0 and "a federated run (pipeline: federated) spreads its clients" in said
 
@@ -392,7 +392,7 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
     config.write_text(yaml.safe_dump(raw))
     p2 = [
         "pipeline=rlhf",
-        f"rlhf.selectors_from={tmp_path / 'runs' / 'one'}",
+        f"rlhf.selectors_from={runs / 'one'}",
         "rlhf.num_prompts=6",
         "rlhf.eval_prompts=3",
         "rlhf.best_of_n=0",
@@ -407,21 +407,9 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
     ]
     single = runner.invoke(app, ["run", str(config), "name=p2one", *p2], terminal_width=200)
     assert single.exit_code == 0, single.output
-    done = subprocess.run(
-        [*launch, "run", str(config), "name=p2two", *p2], capture_output=True, text=True, env=env, timeout=600
-    )
+    done = launched(config, "name=p2two", *p2)
     assert done.returncode == 0, done.stdout + done.stderr
-    one = load_file(runs / "p2one" / "checkpoints" / "policy.safetensors")
-    two = load_file(runs / "p2two" / "checkpoints" / "policy.safetensors")
-    assert one.keys() == two.keys() and any((v != 0).any() for k, v in one.items() if "lora_B" in k)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
-    unfinished = subprocess.run(
-        [*launch, "run", str(config), "name=p2x", "pipeline=rlhf", "rlhf.judge.kind=phase1", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    same_checkpoint("p2one", "p2two", "policy.safetensors")
+    unfinished = launched(config, "name=p2x", "pipeline=rlhf", "rlhf.judge.kind=phase1", "--quiet")
     said = " ".join((unfinished.stdout + unfinished.stderr).split())
     assert unfinished.returncode != 0 and "rlhf.selectors_from set" in said
