@@ -139,6 +139,21 @@ def main() -> None:
             f"{r['n']} | {r['kl_bon']:.2f} | {cell(r['gold'])} | {100 * r['gold']['mean_prob']:.1f}% | "
             f"{cell(r['gold']['length_controlled'])} | {cell(r['proxy'])} | {r['mean_new_tokens']:.1f}"
         )
+    # each n against n = 1 on the same prompts and baseline samples: paired, so the judge's own bias cancels
+    import torch
+
+    from fedbiscuit.selector.metrics import paired_comparison
+
+    first = torch.tensor(curve[0]["gold"]["scores"])
+    print("\ngold verdicts, each n against n = 1 on the same prompts (paired bootstrap, sign test):")
+    for r in curve[1:]:
+        c = paired_comparison(first, torch.tensor(r["gold"]["scores"]))
+        r["gold_against_n1"] = c
+        lo, hi = c["ci95"]
+        print(
+            f"  n = {r['n']}: {100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+            f"{c['gained']} prompts up, {c['lost']} down, p = {c['mcnemar_p']:.2g}"
+        )
     if args.plot:
         import matplotlib
 

@@ -38,6 +38,7 @@ def test_win_rate_counts_wins_losses_and_ties_over_both_orders():
     reference = ["x", "much longer", "same", "abc"]
     rep = win_rate(LengthJudge(), prompts, answers, reference)
     assert (rep["wins"], rep["losses"], rep["ties"], rep["identical"]) == (1, 1, 2, 1)
+    assert rep["scores"] == [1.0, 0.0, 0.5, 0.5]  # per prompt, in order
     assert rep["win_rate"] == pytest.approx(0.5)
     assert rep["ci95"][0] < 0.5 < rep["ci95"][1]
     # a judge that only ever likes the first position gives ties, never wins

@@ -66,6 +66,7 @@ def win_rate(
         "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
         "averaged_win_rate": sum(soft) / n,
+        "scores": scores,  # per prompt (1 win, 0 loss, 0.5 tie), in order: for paired tests between policies
         # judge replies with no verdict, over both orders (each scored 0.5: a tie unless the other order decides)
         "unparsed": getattr(judge, "unparsed", 0) - abstained,
         **(
