@@ -187,6 +187,7 @@ def test_the_whole_method_runs_from_the_cli_and_explains_its_numbers(config, tmp
     out = result.output
     assert "labelled" in out and "by the first candidate" in out
     assert "initial policy" in out and "tuned policy" in out and "best-of-2 probe" in out
+    assert "best-of-n curve, judge / selectors: n=1 " in out
     assert "How to read this" in out and "NOT independent" in out
     run = tmp_path / "runs" / "tiny-run"
     assert {p.name for p in run.iterdir()} >= {

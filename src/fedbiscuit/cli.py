@@ -272,6 +272,12 @@ def _rlhf_summary(results: dict) -> None:
             f"{_win(b['pick_vs_reference'])}; the first sample wins {_win(b['first_vs_reference'])}; "
             f"tokens {b['pick_mean_new_tokens']:.1f} (pick) vs {b['first_mean_new_tokens']:.1f} (first)"
         )
+        console.print(
+            "  best-of-n curve, judge / selectors: "
+            + "; ".join(
+                f"n={c['n']} {100 * c['judge']:.0f}% / {100 * c['selectors']:.0f}%" for c in b["curve"]
+            )
+        )
     secs = results["seconds"]
     console.print(
         "How to read this: a win rate is judged in both orders (a prompt is a tie when the judge changes its "

@@ -519,8 +519,19 @@ class RLHFConfig(_Section):
     eval_prompts: int = Field(default=32, ge=1)  # distinct prompts from the evaluation split
     reference: Literal["initial", "data"] = "initial"  # the initial policy's answers, or the data's preferred
     judge: JudgeConfig = JudgeConfig()
-    best_of_n: int = Field(default=4, ge=0)  # 0 turns the reward-hacking probe off
+    # 0 turns the reward-hacking probe off; else a power of 2: one knockout bracket gives n = 1, 2, 4, ... n
+    best_of_n: int = Field(default=4, ge=0)
     best_of_n_prompts: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _best_of_n_bracket(self) -> RLHFConfig:
+        n = self.best_of_n
+        if n and n & (n - 1):
+            raise ValueError(
+                f"rlhf.best_of_n={n} must be 0 (off) or a power of 2 (one knockout bracket gives the best-of-1, "
+                f"2, 4, ... curve): try {1 << (n.bit_length() - 1)} or {1 << n.bit_length()}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _iterations(self) -> RLHFConfig:

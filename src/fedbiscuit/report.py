@@ -231,6 +231,42 @@ def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
     return lines
 
 
+def _best_of_n_plot(runs: list[dict], path: Path) -> None:
+    """The best-of-n curve against KL_bon = log n - (n - 1)/n: the judge's win rate of the selectors' pick
+    (solid, 95% band) and the selectors' own (dashed). The selectors' curve rising while the judge's falls is
+    over-optimization (Gao et al. 2022)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        c = run["best_of_n"]["curve"]
+        x = [r["kl_bon"] for r in c]
+        line = ax.plot(x, [100 * r["judge"] for r in c], marker="o", label=f"{run['name']}: judge")[0]
+        ax.fill_between(
+            x,
+            [100 * r["judge_ci95"][0] for r in c],
+            [100 * r["judge_ci95"][1] for r in c],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+        ax.plot(
+            x,
+            [100 * r["selectors"] for r in c],
+            ls="--",
+            marker="x",
+            color=line.get_color(),
+            label=f"{run['name']}: selectors",
+        )
+        for r in c:
+            ax.annotate(f"n={r['n']}", (r["kl_bon"], 100 * r["judge"]), fontsize=7)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set(
+        xlabel="KL_bon = log n - (n-1)/n (nats)",
+        ylabel="pick's win rate vs reference (%)",
+        title="best-of-n: the judge (band: 95% CI) and the selectors",
+    )
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     """DPO loss and reward margin against step; win rate (with its 95% interval) and answer length against
     checkpoint. Returns the report's Markdown lines for phase 2 (none if no run has one)."""
@@ -266,6 +302,9 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     len_ax.set(ylabel="mean answer tokens", title="answer length by checkpoint")
     win_ax.legend()
     _save(fig, out_dir / "winrate.png")
+    curves = [r for r in tuned if r["best_of_n"] and r["best_of_n"].get("curve")]
+    if curves:
+        _best_of_n_plot(curves, out_dir / "best_of_n.png")
 
     lines = [
         "",
@@ -289,6 +328,8 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
                 f"{_pct(b['pick_vs_reference']['win_rate'])}, the first sample {_pct(b['first_vs_reference']['win_rate'])}; "
                 f"answer tokens {b['pick_mean_new_tokens']:.1f} vs {b['first_mean_new_tokens']:.1f}."
             )
+    if curves:
+        lines.append("\n![best of n](best_of_n.png)")
     lines += [
         "",
         "A prompt is a win when the judge prefers the policy's answer in both presentation orders, a loss when it "

@@ -1,5 +1,7 @@
 """Phase 2 end to end on planted data with the tiny model: selectors -> candidates -> votes -> DPO -> eval."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def rlhf_config(tmp_path, name="rl", algorithm="fedbiscuit", **rlhf):
         "eval_prompts": 4,
         "generation": {"num_candidates": 3, "max_new_tokens": 8, "max_prompt_length": 48},
         "dpo": {"batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "log_every": 1},
-        "best_of_n": 3,
+        "best_of_n": 4,
         "best_of_n_prompts": 3,
         "judge": {"kind": "phase1"},  # by name: the test runs have no independent judge
         **rlhf,
@@ -61,7 +63,13 @@ def test_offline_run_labels_trains_and_evaluates(tmp_path):
     for w in win:
         assert w["wins"] + w["losses"] + w["ties"] == 4 and 0 <= w["win_rate"] <= 1
     bon = out["best_of_n"]
-    assert bon["n"] == 3 and bon["pick_vs_reference"]["prompts"] == 3
+    assert bon["n"] == 4 and bon["pick_vs_reference"]["prompts"] == 3
+    # the curve: n = 1, 2, 4 from one bracket, the judge's and the selectors' win rates; n = 1 is the first sample
+    assert [c["n"] for c in bon["curve"]] == [1, 2, 4]
+    assert bon["curve"][0]["judge"] == bon["first_vs_reference"]["win_rate"]
+    assert bon["curve"][-1]["judge"] == bon["pick_vs_reference"]["win_rate"]
+    assert all(0 <= c["selectors"] <= 1 and c["kl_bon"] >= 0 for c in bon["curve"])
+    assert (Path(out["run_dir"]) / "best_of_n.png").stat().st_size > 5_000  # the report draws the curve
     assert "NOT independent" in out["judge"]
     state, meta = read_adapter(out["policy_checkpoint"])
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())  # the policy moved
@@ -149,6 +157,8 @@ def test_policy_clients_send_only_adapter_tensors_and_numbers(tmp_path):
 
 
 def test_phase2_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"rlhf.best_of_n=6 must be 0 \(off\) or a power of 2.*try 4 or 8"):
+        config_from_dict(rlhf_config(tmp_path, best_of_n=6), "test")
     raw = rlhf_config(tmp_path, iterations=3)
     with pytest.raises(ConfigError, match="rlhf.iterations"):
         config_from_dict(raw, "test")

@@ -32,7 +32,7 @@ from ..runs import RunDir
 from ..selector import build_encoder
 from .baselines import POLICY, PolicyClient
 from .dpo import DPOResult, dpo_steps, encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
-from .evaluation import knockout, win_rate
+from .evaluation import best_of_n_curve, win_rate
 from .generation import sample, stop_token_ids
 from .judges import OpenAIJudge, SelectorJudge, VoteJudge
 from .labelling import label_candidates
@@ -359,8 +359,9 @@ class Phase2:
         return report
 
     def _best_of_n(self, judge, selectors, prompts, reference) -> dict:
-        """Sample n answers, let the selectors pick by knockout, and judge the pick against the first sample:
-        a pick the selectors like but the judge does not is the signature of reward hacking."""
+        """Sample n answers, let the selectors pick by knockout, and judge the picks for n = 1, 2, 4, ... n
+        against the reference, by the judge and by the selectors themselves: a pick the selectors like more
+        and more while the judge does not is the signature of reward hacking (Gao et al. 2022)."""
         rl, ws = self.rl, self.ws
         prompts, reference = prompts[: rl.best_of_n_prompts], reference[: rl.best_of_n_prompts]
         samples = self._sample(
@@ -376,32 +377,34 @@ class Phase2:
             rl.swap_average,
             self.cfg.eval.batch_size,
         )
-        picks = knockout(picker, prompts, samples.texts)
-        picked = [s[i] for s, i in zip(samples.texts, picks, strict=True)]
-        first = [s[0] for s in samples.texts]
+        curve = best_of_n_curve(
+            picker,
+            judge,
+            prompts,
+            samples.texts,
+            reference,
+            lengths=samples.new_tokens,
+            baseline_lengths=self.reference_tokens[: len(prompts)],
+        )
         report = {
             "n": rl.best_of_n,
             "prompts": len(prompts),
-            "pick_vs_reference": win_rate(
-                judge,
-                prompts,
-                picked,
-                reference,
-                (
-                    [n[i] for n, i in zip(samples.new_tokens, picks, strict=True)],
-                    self.reference_tokens[: len(prompts)],
-                ),
-            ),
-            "first_vs_reference": win_rate(
-                judge,
-                prompts,
-                first,
-                reference,
-                ([n[0] for n in samples.new_tokens], self.reference_tokens[: len(prompts)]),
-            ),
-            "pick_mean_new_tokens": sum(n[i] for n, i in zip(samples.new_tokens, picks, strict=True))
-            / len(picks),
-            "first_mean_new_tokens": sum(n[0] for n in samples.new_tokens) / len(picks),
+            "pick_vs_reference": curve[-1]["gold"],
+            "first_vs_reference": curve[0]["gold"],
+            "pick_mean_new_tokens": curve[-1]["mean_new_tokens"],
+            "first_mean_new_tokens": curve[0]["mean_new_tokens"],
+            "curve": [
+                {
+                    "n": r["n"],
+                    "kl_bon": r["kl_bon"],
+                    "judge": r["gold"]["win_rate"],
+                    "judge_ci95": r["gold"]["ci95"],
+                    "selectors": r["proxy"]["win_rate"],
+                    "selectors_ci95": r["proxy"]["ci95"],
+                    "mean_new_tokens": r["mean_new_tokens"],
+                }
+                for r in curve
+            ],
         }
         self._timed("best_of_n", t)
         self.rundir.log({"event": "best_of_n", **report})
