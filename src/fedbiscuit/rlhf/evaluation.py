@@ -77,9 +77,10 @@ def win_rate(
     }
 
 
-def knockout(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> list[int]:
-    """Index of each prompt's knockout winner: candidates meet in pairs, winners advance (a bye for an odd one
-    out). One judge call per level, batched across prompts. Undecided meetings go to the earlier candidate."""
+def _knockout_levels(judge: Judge, prompts: list[str], candidates: list[list[str]]):
+    """Each level of a knockout over every prompt's candidates: the indices still alive, per prompt. Candidates
+    meet in pairs, winners advance (a bye for an odd one out); one judge call per level, batched across prompts;
+    undecided meetings go to the earlier candidate."""
     alive = [list(range(len(c))) for c in candidates]
     while any(len(a) > 1 for a in alive):
         meetings = []  # (prompt index, i, j)
@@ -96,7 +97,15 @@ def knockout(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> l
         alive = [
             winners[k] + ([a[-1]] if len(a) % 2 else []) if len(a) > 1 else a for k, a in enumerate(alive)
         ]
-    return [a[0] for a in alive]
+        yield alive
+
+
+def knockout(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> list[int]:
+    """Index of each prompt's knockout winner (``_knockout_levels``'s last level)."""
+    last = [list(range(len(c))) for c in candidates]  # one candidate each: no meeting, no level
+    for last in _knockout_levels(judge, prompts, candidates):  # noqa: B007 (the last level is the result)
+        pass
+    return [a[0] for a in last]
 
 
 def bracket_winners(judge: Judge, prompts: list[str], candidates: list[list[str]]) -> list[list[int]]:
@@ -104,26 +113,16 @@ def bracket_winners(judge: Judge, prompts: list[str], candidates: list[list[str]
     block: ``[level][prompt]``, where level k's winner is the pick among the first 2**k candidates (level 0 is
     candidate 0 itself). One bracket thus gives best-of-1, 2, 4, ... n from the same samples, each pick a
     knockout within the one before it, as a best-of-n curve needs (Gao et al. 2022, "Scaling laws for reward
-    model overoptimization"). Undecided meetings go to the earlier candidate, as in ``knockout``."""
+    model overoptimization")."""
     n = len(candidates[0]) if candidates else 0
     if n < 1 or n & (n - 1) or any(len(c) != n for c in candidates):
         raise ValueError(
             f"best-of-n brackets need the same power-of-2 number of candidates per prompt, got {n}"
         )
-    alive = [list(range(n)) for _ in candidates]
-    levels = [[0] * len(candidates)]
-    while len(alive[0]) > 1:
-        meetings = [(k, a[m], a[m + 1]) for k, a in enumerate(alive) for m in range(0, len(a), 2)]
-        probs = judge.prefer(
-            [prompts[k] for k, _, _ in meetings],
-            [candidates[k][i] for k, i, _ in meetings],
-            [candidates[k][j] for k, _, j in meetings],
-        )
-        alive = [[] for _ in candidates]
-        for (k, i, j), p in zip(meetings, probs, strict=True):
-            alive[k].append(i if p >= 0.5 else j)
-        levels.append([a[0] for a in alive])
-    return levels
+    # with 2**k candidates there are no byes: after level k, position 0 holds the winner of the first 2**k
+    return [[0] * len(candidates)] + [
+        [a[0] for a in alive] for alive in _knockout_levels(judge, prompts, candidates)
+    ]
 
 
 def kl_best_of_n(n: int) -> float:

@@ -233,9 +233,8 @@ class Phase2:
                     swap_average=rl.swap_average,
                     batch_size=cfg.eval.batch_size,
                 )
-                labels = distributed.broadcast_object(
-                    labels
-                )  # under a launcher: every process, rank 0's pairs
+                # under a launcher: every process trains on rank 0's pairs
+                labels = distributed.broadcast_object(labels)
                 self._timed("labelling", t)
                 self.rundir.log(
                     {
