@@ -12,6 +12,8 @@
 #   oracle      the same rounds and steps, a selector per HH subset trained by that subset's clients from round 0:
 #               FedBiscuit's clusters as they would be if every grouping found the subsets
 #   local       the same rounds and steps, every client its own selector (a client trains when sampled)
+#   central_top2, fedbis_top2  central / fedbis with LoRA in the top 2 blocks at twice the rank (the same
+#               number of adapter parameters, about half a step's work; its own trunk store, built first)
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,6 +39,11 @@ for arm in "${arms[@]}"; do
                      federated.fedbiscuit.regroup_every=10 ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 oracle local)"; exit 2 ;;
+    central_top2|fedbis_top2)
+      top2=(model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64)
+      .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml "${top2[@]}" > $out/all_cache_build_top2.log 2>&1
+      if [ $arm = central_top2 ]; then run all_central_top2_s$seed configs/hh_centralized.yaml train.epochs=2 "${top2[@]}"
+      else run all_fedbis_top2_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top2[@]}"; fi ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 oracle local central_top2 fedbis_top2)"; exit 2 ;;
   esac
 done
