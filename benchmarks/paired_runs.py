@@ -63,12 +63,24 @@ def final_selectors(run: str, untrained: dict):
     if not ckpts:
         sys.exit(f"{run}: neither checkpoints/{SELECTOR}.safetensors nor a round checkpoint")
     state = load_checkpoint(ckpts[-1])
+    clusters = state.clusters
+    if not clusters and _algorithm(folder) == "local":  # the local baseline: every client its own selector
+        clusters = {c: c for c in state.selectors}
     logged = [
         (r.get("own") or next(iter(r["selectors"].values())))["overall"]["agreement"]
         for r in evals
         if r.get("round") == state.round
     ]
-    return ckpts[-1], state.selectors, state.clusters, logged[-1] if logged else None
+    return ckpts[-1], state.selectors, clusters, logged[-1] if logged else None
+
+
+def _algorithm(folder: Path) -> str | None:
+    import yaml
+
+    config = folder / "config.yaml"
+    return (
+        yaml.safe_load(config.read_text()).get("federated", {}).get("algorithm") if config.is_file() else None
+    )
 
 
 def run_correct(ws, run: str, untrained: dict):

@@ -147,3 +147,18 @@ def test_untrained_against_a_centralized_run(tmp_path):
     assert comp["comparison"]["overall"]["n"] == 4 * 6
     assert central["agreement"] == pytest.approx(trained["agreement"], abs=1e-6)
     assert federated["agreement"] == pytest.approx(federated["logged"], abs=1e-6)
+
+
+def test_the_local_baseline_is_judged_by_each_clients_own_selector(runs, tmp_path):
+    """A local run keeps no clusters (every client trains its own selector): each test pair is judged by its
+    client's selector, as the run's own evaluation did, and the planted split is served (one FedBis selector
+    serves one group)."""
+    local = _run(tmp_path, "local", 0)
+    out = tmp_path / "paired.json"
+    done = _script("--compare", str(runs["fedbis", 0]), str(local), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (comp,) = json.loads(out.read_text())["comparisons"]
+    fedbis, own = comp["runs"]
+    assert own["agreement"] == pytest.approx(own["logged"], abs=1e-6)
+    assert comp["comparison"]["overall"]["n"] == 8 * 12
+    assert comp["comparison"]["overall"]["difference"] > 0.2
