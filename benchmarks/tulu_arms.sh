@@ -25,8 +25,7 @@ run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run "
         echo "$name done $(date +%T)" >> $out/arms.done; }
 for arm in "${arms[@]}"; do
   case $arm in
-    central) run tulu_central_s$seed configs/tulu_fedbis.yaml pipeline=centralized train.batch_size=8 \
-               train.steps=192 ;;
+    central) run tulu_central_s$seed configs/tulu_centralized.yaml ;;
     fedbis) run tulu_fedbis_s$seed configs/tulu_fedbis.yaml "${seq[@]}" ;;
     fedbiscuit) run tulu_fedbiscuit_s$seed configs/tulu_fedbiscuit.yaml "${seq[@]}" \
                   federated.fedbiscuit.grouping_pairs=null ;;

@@ -144,3 +144,18 @@ def test_personalising_a_centralized_pipeline_is_refused_with_the_alternative(tm
     path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "centralized"})
     with pytest.raises(ConfigError, match=r"personalize_steps=3.*federated.algorithm=centralized"):
         load_config(path, ["federated.personalize_steps=3"])
+
+
+def test_a_centralized_pipeline_refuses_federated_settings_it_would_ignore(tmp_path):
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "centralized"})
+    with pytest.raises(ConfigError, match=r"federated.rounds is set, but pipeline=centralized"):
+        load_config(path, ["federated.rounds=12"])
+    with pytest.raises(ConfigError, match=r"federated.algorithm is set"):
+        load_config(path, ["federated.algorithm=fedbiscuit"])
+    with pytest.raises(ConfigError, match=r"federated.fedbiscuit is set"):
+        load_config(path, ["federated.fedbiscuit.num_selectors=3"])
+    # the section's defaults (a run folder's config.yaml holds them all), and naming the algorithm the pipeline
+    # runs, are not settings it ignores
+    assert load_config(path).pipeline == "centralized"
+    assert load_config(path, ["federated.rounds=10"]).federated.rounds == 10
+    assert load_config(path, ["federated.algorithm=centralized"]).federated.algorithm == "centralized"

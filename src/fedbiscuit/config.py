@@ -613,6 +613,22 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _centralized_has_no_rounds(self) -> RunConfig:
+        # after the two checks above, whose messages say what to use instead. Values, not keys: a run folder's
+        # config.yaml holds the whole section at its defaults, and reloads.
+        fed, default = self.federated, FederatedConfig()
+        given = [k for k in FederatedConfig.model_fields if getattr(fed, k) != getattr(default, k)]
+        given = [k for k in given if not (k == "algorithm" and fed.algorithm == "centralized")]
+        if self.pipeline == "centralized" and given:
+            key = given[0]
+            raise ValueError(
+                f"federated.{key} is set, but pipeline=centralized trains one selector on everybody's pairs for "
+                "train.steps or train.epochs and has no rounds: remove the federated section (or use "
+                "pipeline=federated with federated.algorithm=centralized for the same data as one client)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _grouping_needs_heldout(self) -> RunConfig:
         fedbiscuit = self.pipeline != "centralized" and self.federated.algorithm == "fedbiscuit"
         if fedbiscuit and self.data.heldout_fraction == 0:
