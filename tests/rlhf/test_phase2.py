@@ -176,3 +176,15 @@ def test_phase2_config_errors_name_the_key(tmp_path):
     raw["pipeline"] = "federated"  # phase 1 alone never judges: its rlhf defaults need no judge
     del raw["rlhf"]
     config_from_dict(raw, "test")
+
+
+def test_an_hf_judge_on_another_model_reads_with_its_own_tokenizer(tmp_path):
+    """judge.kind=hf with judge.model: a second causal LM, loaded with its own tokenizer, judges on the full path."""
+    raw = rlhf_config(tmp_path, method="feddpo", judge={"kind": "hf", "model": "tiny"}, best_of_n=0)
+    out = run(config_from_dict(raw, "test"), quiet=True)
+    assert out["judge"] == "tiny, untuned"
+    initial, tuned = events(out, "winrate")
+    assert initial["label"] == "initial policy" and tuned["label"] == "tuned policy"
+    assert tuned["judge"] == "tiny" and tuned["prompts"] == 4 and tuned["unparsed"] == 0
+    assert tuned["wins"] + tuned["losses"] + tuned["ties"] + tuned["identical"] == 4
+    assert out["final"]["win_rate"] == tuned["win_rate"]

@@ -92,7 +92,8 @@ def build_judge(ws: Workspace, selectors: dict | None):
         model, tokenizer = load_model(
             ModelConfig(name_or_path=j.model, dtype=cfg.model.dtype, device=cfg.model.device)
         )
-        encoder, choice_ids = _encoder(tokenizer, ws)
+        # its own tokenizer and token ids, on the full path (no trunk of the run's model can serve it)
+        encoder, choice_ids = _encoder(ws, LoraSettings(), tokenizer=tokenizer, model=model)
         return SelectorJudge(model, encoder, choice_ids, None, None, j.model), f"{j.model}, untuned"
     if j.kind == "selector":  # the config requires its checkpoint
         state, meta = read_adapter(j.checkpoint)
@@ -113,16 +114,17 @@ def build_judge(ws: Workspace, selectors: dict | None):
     )
 
 
-def _encoder(ws: Workspace, lora):
+def _encoder(ws: Workspace, lora, tokenizer=None, model=None):
+    """An encoder for a judge: the run's tokenizer and model unless the judge brings its own."""
     template = ws.cfg.rlhf.judge.template
     sel = ws.cfg.selector if template == "auto" else ws.cfg.selector.model_copy(update={"template": template})
     if lora.top_layers is None:  # a judge with LoRA in every block needs the full path
         sel = sel.model_copy(update={"path": "full"})
     return build_encoder(
-        ws.tokenizer,
+        tokenizer or ws.tokenizer,
         sel,
         ws.cfg.data.source,
-        model=ws.model,
+        model=model or ws.model,
         lora=lora,
         cache_dir=cache_root(ws.cfg.model) / "trunk",
         quiet=ws.quiet,

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# usage: bash benchmarks/dpo_arms.sh [SEED [ARM ...]]   (no ARM: central fedbis feddpo fedsft)
+# Issue 16's DPO arms: SmolLM2 tuned with DPO on its own candidates for helpful-base train prompts, labelled by
+# selectors, against the initial policy on 320 helpful-base test prompts neither the policy nor a labeller saw,
+# judged by the gold judge (a selector trained centrally on helpful-online + helpful-rejection-sampled only:
+# runs/issue16/gold_helpful_other, 63.6% [58.4, 68.4] on helpful-base's test pairs), with the length-controlled
+# win rate beside. Every arm: the same 256 training prompts, 2 candidates each, the same DPO settings
+# (configs/hh_rlhf_dpo.yaml: beta 0.1, lr 1e-4, 2 epochs); the initial policy's candidates and answers are
+# cached and shared across arms. Each writes runs/issue16/dpo_<arm>_s<SEED>/.
+#   central      labels from the centralized helpful-base selector (runs/issue18/hb_central, 66.0%)
+#   fedbis       labels from FedBis on helpful-base in 4 clients (runs/issue18/hb_a7_seq, 65.7%)
+#   fedbiscuit   labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients), trained first
+#                if runs/issue16/hbh_fedbiscuit is missing
+#   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
+#   fedsft       baseline: federated SFT on the clients' preferred answers
+# Sizes: PROMPTS=256 EVAL=320 by default (environment).
+set -u
+cd "$(dirname "$0")/.."
+export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data}
+seed=${1:-0}
+shift || true
+arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(central fedbis feddpo fedsft)
+out=runs/issue16; mkdir -p $out
+gold=runs/issue16/gold_helpful_other/checkpoints/selector.safetensors
+[ -f $gold ] || { echo "no gold judge at $gold (BENCHMARKS.md, issue 16 session 8, builds it)"; exit 2; }
+common=("data.subsets=[helpful-base]" data.max_eval_pairs_per_client=null rlhf.num_prompts=${PROMPTS:-256}
+        rlhf.eval_prompts=${EVAL:-320} rlhf.best_of_n=0 rlhf.judge.kind=selector rlhf.judge.checkpoint=$gold
+        seed=$seed output_dir=$out --quiet --overwrite)
+run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_rlhf_dpo.yaml "$@" \
+          name=$name "${common[@]}" > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
+for arm in "${arms[@]}"; do
+  case $arm in
+    central) run dpo_central_s$seed rlhf.selectors_from=runs/issue18/hb_central ;;
+    fedbis) run dpo_fedbis_s$seed rlhf.selectors_from=runs/issue18/hb_a7_seq ;;
+    fedbiscuit)
+      if [ ! -d $out/hbh_fedbiscuit ]; then   # the issue-18 recipe on the two groups of raters, K=2
+        .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
+          federated.rounds=31 federated.clients_per_round=2 federated.eval_every=31 federated.checkpoint_every=10 \
+          federated.fedbiscuit.warmup_rounds=5 federated.fedbiscuit.regroup_every=5 train.warmup_steps=20 \
+          name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
+      fi
+      run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit ;;
+    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit feddpo fedsft)"; exit 2 ;;
+  esac
+done
