@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fedbiscuit.config import ConfigError, config_from_dict
 from fedbiscuit.data.synthetic import planted_run_config
@@ -188,3 +189,28 @@ def test_an_hf_judge_on_another_model_reads_with_its_own_tokenizer(tmp_path):
     assert tuned["judge"] == "tiny" and tuned["prompts"] == 4 and tuned["unparsed"] == 0
     assert tuned["wins"] + tuned["losses"] + tuned["ties"] + tuned["identical"] == 4
     assert out["final"]["win_rate"] == tuned["win_rate"]
+
+
+def test_selectors_from_brings_their_own_adapter_shape_and_template(tmp_path):
+    """Phase 2 reads the selectors with the LoRA and selector settings they were trained with (as peft's
+    from_pretrained reads an adapter's config); a setting that contradicts them is an error naming it."""
+    raw = rlhf_config(tmp_path, name="central")
+    raw["pipeline"] = "centralized"
+    raw["train"]["steps"] = 2
+    raw["model"]["lora"] = {"r": 6, "alpha": 12, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"]}
+    raw["selector"]["max_length"] = 80
+    del raw["federated"], raw["rlhf"]
+    run(config_from_dict(raw, "test"), quiet=True)
+    phase2 = rlhf_config(
+        tmp_path, name="rl_shape", selectors_from=str(tmp_path / "runs" / "central"), best_of_n=0
+    )
+    del phase2["model"]["lora"], phase2["selector"]["max_length"]  # the defaults: r=8 on q/v, 512
+    out = run(config_from_dict(phase2, "test"), quiet=True)
+    used = yaml.safe_load((Path(out["run_dir"]) / "config.yaml").read_text())
+    assert used["model"]["lora"]["r"] == 6 and used["model"]["lora"]["target_modules"] == ["q_proj", "k_proj"]
+    assert used["selector"]["max_length"] == 80 and events(out, "labels")
+    phase2["model"]["lora"] = {"r": 4}
+    with pytest.raises(
+        ValueError, match=r"model.lora.r=4, but the selectors in .*central were trained with 6"
+    ):
+        run(config_from_dict(phase2, "test"), quiet=True, overwrite=True)

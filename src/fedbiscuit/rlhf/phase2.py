@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -56,6 +57,45 @@ def load_selectors(run_dir: str | Path) -> dict:
         f"rlhf.selectors_from={run_dir}: neither a round-*.safetensors checkpoint (a federated run) nor "
         f"{SELECTOR}.safetensors (a centralized run) in {folder}"
     )
+
+
+# what makes a selector the selector it was trained as: its adapter's shape and what it reads
+_SELECTOR_FIELDS = {
+    "model.lora": list(LoraSettings.model_fields),
+    "selector": ["template", "max_length", "answer_a", "answer_b", "path"],
+}
+
+
+def with_selector_settings(cfg: RunConfig) -> RunConfig:
+    """The config with rlhf.selectors_from's own LoRA and selector settings (as peft's from_pretrained reads an
+    adapter's config): the selectors are adapters of that shape, trained to read that template. A setting
+    left at its default takes the phase-1 run's value; one set to something else is an error naming it."""
+    rl = cfg.rlhf
+    if cfg.pipeline != "rlhf" or rl.method != "selectors" or not rl.selectors_from:
+        return cfg
+    path = Path(rl.selectors_from) / "config.yaml"
+    if not path.is_file():
+        return cfg  # load_selectors says what is missing
+    theirs, ours = yaml.safe_load(path.read_text()), cfg.model_dump(mode="json")
+    if theirs["model"]["name_or_path"] != ours["model"]["name_or_path"]:
+        raise ValueError(
+            f"model.name_or_path={ours['model']['name_or_path']!r}, but the selectors in {rl.selectors_from} are "
+            f"adapters of {theirs['model']['name_or_path']!r}"
+        )
+    defaults = RunConfig().model_dump(mode="json")
+    for section, fields in _SELECTOR_FIELDS.items():
+        first, _, second = section.partition(".")
+        mine, their, default = ((d[first][second] if second else d[first]) for d in (ours, theirs, defaults))
+        for key in fields:
+            if key not in their or mine[key] == their[key]:
+                continue
+            if mine[key] != default[key]:
+                raise ValueError(
+                    f"{section}.{key}={mine[key]!r}, but the selectors in {rl.selectors_from} were trained with "
+                    f"{their[key]!r}: leave it unset (phase 2 reads the selectors' own settings)"
+                )
+            mine[key] = their[key]
+    return RunConfig.model_validate(ours)
 
 
 def choose_prompts(ws: Workspace) -> tuple[list[str], list[str], list[str]]:
@@ -133,6 +173,7 @@ def _encoder(ws: Workspace, lora, tokenizer=None, model=None):
 
 # ------------------------------------------------------------------------------------------ phase 2
 def run_rlhf(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    cfg = with_selector_settings(cfg)
     run = RunDir(cfg, resume=resume, overwrite=overwrite)
     try:
         ws = open_workspace(cfg, quiet)
