@@ -13,6 +13,7 @@
 #                if runs/issue16/hbh_fedbiscuit is missing
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
+# Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
 # Sizes: PROMPTS=256 EVAL=320 by default (environment).
 set -u
 cd "$(dirname "$0")/.."

@@ -47,6 +47,13 @@ def test_win_rate_counts_wins_losses_and_ties_over_both_orders():
     assert rep["averaged_win_rate"] == pytest.approx(0.5)  # 1 win, 1 loss, 2 exact ties
     all_win = win_rate(LengthJudge(), ["p"] * 3, ["aaaa", "bbbb", "cccc"], ["a", "b", "c"])
     assert all_win["win_rate"] == 1.0 and all_win["ci95"] == [1.0, 1.0]
+    # the sign test of wins against losses: 3 of 3 is p = 0.25, 1 of 2 (and all ties) no evidence
+    assert all_win["sign_p"] == pytest.approx(0.25) and rep["sign_p"] == 1.0 and biased["sign_p"] == 1.0
+    eight = win_rate(LengthJudge(), [f"p{i}" for i in range(8)], ["aaaa"] * 8, ["a"] * 8)
+    assert eight["sign_p"] == pytest.approx(2 / 2**8)
+    # each score's prompt, by content: the same prompt gives the same id in any run
+    assert len(set(eight["prompt_ids"])) == 8 and len(set(all_win["prompt_ids"])) == 1
+    assert eight["prompt_ids"][0] == win_rate(LengthJudge(), ["p0"], ["aaaa"], ["a"])["prompt_ids"][0]
 
 
 def test_knockout_finds_the_judges_favourite():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from ..data.pairs import prompt_hash
 from .judges import Judge
 
 
@@ -23,6 +24,8 @@ def win_rate(
     lengths: tuple[list[int], list[int]] | None = None,
 ) -> dict:
     """``lengths``: (the answers' lengths, the reference's), in tokens: adds the length-controlled win rate."""
+    from scipy.stats import binomtest
+
     if not prompts:
         raise ValueError("no prompts to judge")
     abstained = getattr(judge, "unparsed", 0)  # the judge counts over its lifetime; report this call's
@@ -66,7 +69,12 @@ def win_rate(
         "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         "mean_prob": prob,  # the judge's mean P(policy better), both orders averaged
         "averaged_win_rate": sum(soft) / n,
+        # the sign test of wins against losses (ties carry no sign): is the policy better than the reference?
+        "sign_p": binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0,
         "scores": scores,  # per prompt (1 win, 0 loss, 0.5 tie), in order: for paired tests between policies
+        "prompt_ids": [
+            f"{prompt_hash(p):016x}" for p in prompts
+        ],  # which prompt each score is (pairing by content)
         # judge replies with no verdict, over both orders (each scored 0.5: a tie unless the other order decides)
         "unparsed": getattr(judge, "unparsed", 0) - abstained,
         **(
