@@ -93,7 +93,8 @@ def main() -> None:
                 for k in labels
             )
             z = "-" if row["median_z"] is None else f"{row['median_z']:.2f}"
-            print(f"  {g['round']:5d} | {cells} | {row['decided']}/{len(a)} | {z} | {row['changed']}")
+            decided = "-" if row["decided"] is None else f"{row['decided']}/{len(a)}"  # grouped by updates
+            print(f"  {g['round']:5d} | {cells} | {decided} | {z} | {row['changed']}")
         out.append({"run": str(run), "length_share": share, "groupings": rows})
     write_json(args.json, out)
     if args.json:

@@ -9,6 +9,9 @@
 #   fedbiscuit  the same rounds and steps, K=2: warm-up 10 rounds per selector, regrouping every 10 rounds on
 #               each client's whole held-out slice
 #   fedbiscuit_k4  the same with K=4 and a warm-up of 5 rounds per selector (20 warm-up rounds, as K=2's)
+#   fedbiscuit_upd, fedbiscuit_k4_upd  fedbiscuit / fedbiscuit_k4 grouping by update directions
+#               (federated.fedbiscuit.grouping=updates: each grouping trains every client once on the selectors'
+#               mean and clusters the changes) instead of held-out losses
 #   oracle      the same rounds and steps, a selector per HH subset trained by that subset's clients from round 0:
 #               FedBiscuit's clusters as they would be if every grouping found the subsets
 #   local       the same rounds and steps, every client its own selector (a client trains when sampled)
@@ -37,6 +40,12 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4) run all_fedbiscuit_k4_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
                      federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
                      federated.fedbiscuit.regroup_every=10 ;;
+    fedbiscuit_upd) run all_fedbiscuit_upd_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                      federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 \
+                      federated.fedbiscuit.grouping=updates ;;
+    fedbiscuit_k4_upd) run all_fedbiscuit_k4_upd_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                         federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
+                         federated.fedbiscuit.regroup_every=10 federated.fedbiscuit.grouping=updates ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
     central_top2|fedbis_top2)
@@ -44,6 +53,6 @@ for arm in "${arms[@]}"; do
       .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml "${top2[@]}" > $out/all_cache_build_top2.log 2>&1
       if [ $arm = central_top2 ]; then run all_central_top2_s$seed configs/hh_centralized.yaml train.epochs=2 "${top2[@]}"
       else run all_fedbis_top2_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top2[@]}"; fi ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 oracle local central_top2 fedbis_top2)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd oracle local central_top2 fedbis_top2)"; exit 2 ;;
   esac
 done

@@ -356,6 +356,12 @@ class FedBiscuitConfig(_Section):
     # average plainly, as in the reference.
     update: Literal["mean", "paper"] = "mean"
     grouping_pairs: int | None = Field(default=None, ge=1)  # held-out pairs per client scored for grouping
+    # loss: every client scores every selector on its held-out slice; the assignment minimises the total loss
+    # (the paper's rule). updates: every client trains the selectors' mean for one round's local steps and
+    # sends the adapter back; clients are clustered by the direction of their change (balanced spherical
+    # k-means, as clustered federated learning does: Sattler et al. 2020), and each cluster takes the selector
+    # that has moved most toward it. Costs a round of training on every client per grouping, no scoring.
+    grouping: Literal["loss", "updates"] = "loss"
 
 
 class CentralDPConfig(_Section):
@@ -433,6 +439,20 @@ class FederatedConfig(_Section):
             raise ValueError(
                 "federated.dp calibrates noise for a uniform mean: set federated.weighting=uniform "
                 "and federated.fedbiscuit.update=mean"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _probes_leave_no_optimizer_state(self) -> FederatedConfig:
+        if (
+            self.algorithm == "fedbiscuit"
+            and self.fedbiscuit.grouping == "updates"
+            and not self.reset_optimizer
+        ):
+            raise ValueError(
+                "federated.fedbiscuit.grouping=updates trains every client on the selectors' mean at each "
+                "grouping, which would enter the optimizer state federated.reset_optimizer=false carries across "
+                "rounds: set federated.reset_optimizer=true, or grouping=loss"
             )
         return self
 

@@ -401,7 +401,9 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
         ax.set_yticks(range(len(clients)), clients, fontsize=7)
         ticks = []
         for g in run["groupings"]:
-            if "decided" in g:
+            if g.get("trusted", False) is None and "median_margin" in g:  # grouped by update directions
+                ticks.append(f"{g['round']}\ncos margin\n{g['median_margin']:.2f}")
+            elif "decided" in g:
                 z = "-" if g["median_z"] is None else f"{g['median_z']:.1f}"  # no client could score: null
                 ticks.append(f"{g['round']}\n{g['decided']}/{len(g['losses'])}\nz {z}")
             else:  # a run logged before margins were recorded

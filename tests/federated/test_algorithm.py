@@ -124,3 +124,18 @@ def test_fewer_clients_than_min_clients_is_an_error_before_round_zero():
     ):
         Algorithm(cfg, ["a", "b"], 0)
     assert Algorithm(cfg, ["a", "b", "c"], 0).clients == ["a", "b", "c"]
+
+
+def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_it():
+    import numpy as np
+
+    algo = _algo(fb={"grouping": "updates"})  # 6 clients, 3 selectors
+    rng = np.random.default_rng(0)
+    pulls = rng.normal(size=(3, 40))  # three groups of clients pull in three directions
+    deltas = {f"c{i}": pulls[i % 3] + 0.2 * rng.normal(size=40) for i in range(6)}
+    # selector-0 has moved toward group 2, selector-1 toward group 0, selector-2 toward group 1
+    moved = {"selector-0": pulls[2], "selector-1": pulls[0], "selector-2": pulls[1]}
+    clusters, margins = algo.group_by_updates(deltas, moved, round_=6)
+    serves = {0: "selector-1", 1: "selector-2", 2: "selector-0"}
+    assert clusters == {f"c{i}": serves[i % 3] for i in range(6)}
+    assert set(margins) == set(deltas) and all(m > 0.3 for m in margins.values())

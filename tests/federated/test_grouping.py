@@ -79,3 +79,20 @@ def test_greedy_follows_the_paper_rule_on_a_clear_case():
 def test_unknown_assignment_is_named():
     with pytest.raises(ValueError, match="greedy_lowest_loss"):
         assign(np.zeros((2, 2)), "greedi")
+
+
+@pytest.mark.parametrize(("n", "k"), [(12, 3), (16, 4), (9, 2)])
+def test_balanced_kmeans_finds_planted_directions_with_balanced_sizes(n, k):
+    from fedbiscuit.federated.grouping import balanced_kmeans
+
+    rng = np.random.default_rng(n + k)
+    directions = rng.normal(size=(k, 50))
+    truth = [i % k for i in range(n)]
+    x = np.stack([directions[t] * rng.uniform(0.5, 3.0) + 0.3 * rng.normal(size=50) for t in truth])
+    idx, centroids = balanced_kmeans(x, k, seed=1)
+    sizes = sorted(idx.count(j) for j in range(k))
+    assert sizes[-1] - sizes[0] <= 1 and sum(sizes) == n
+    # the found clusters are the planted ones, up to names
+    assert all(len({idx[i] for i in range(n) if truth[i] == t}) == 1 for t in range(k))
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0)
+    assert balanced_kmeans(x, k, seed=1)[0] == idx  # deterministic per seed

@@ -247,22 +247,23 @@ SCHEDULE = {"schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1}
 
 
 @pytest.mark.parametrize(
-    ("reset", "server", "schedule"),
+    ("reset", "server", "schedule", "grouping"),
     [
-        (True, {}, {}),
-        (False, {}, {}),
-        (True, ADAPTIVE, SCHEDULE),
-        (True, {"server_optimizer": {"name": "yogi", "lr": 0.01}}, {}),
+        (True, {}, {}, "loss"),
+        (False, {}, {}, "loss"),
+        (True, ADAPTIVE, SCHEDULE, "loss"),
+        (True, {"server_optimizer": {"name": "yogi", "lr": 0.01}}, {}, "loss"),
+        (True, {}, SCHEDULE, "updates"),
     ],
 )
-def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset, server, schedule):
+def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset, server, schedule, grouping):
     raw = make_cfg(
         tmp_path,
         "r",
         algorithm="fedbiscuit",
         rounds=5,
         reset_optimizer=reset,
-        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2},
+        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2, "grouping": grouping},
         **server,
     )
     raw["train"].update(schedule)
@@ -470,3 +471,27 @@ def test_a_federated_run_is_paired_against_its_untrained_selectors(tmp_path):
         config_from_dict({**raw, "name": "nostart", "eval": {"before_training": False}}), quiet=True
     )
     assert no_start["paired"] is None
+
+
+def test_grouping_by_update_directions_recovers_planted_groups(tmp_path):
+    """grouping=updates: every client trains the selectors' mean at each grouping and the clusters follow the
+    directions of their changes; the planted yes/no clients pull in opposite directions."""
+    from tests.federated.sklearn_free_ari import adjusted_rand_index
+
+    fb = {"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2, "grouping": "updates"}
+    raw = make_cfg(
+        tmp_path, algorithm="fedbiscuit", rounds=8, clients_per_round=4, local_steps=3, fedbiscuit=fb
+    )
+    result = run_federated(config_from_dict(raw), quiet=True)
+    clusters = result["clusters"]
+    truth = [int(name.split("-")[1]) % 2 for name in sorted(clusters)]
+    assert adjusted_rand_index(truth, [clusters[n] for n in sorted(clusters)]) >= 0.9
+    records = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    groupings = [r for r in records if r["event"] == "grouping"]
+    assert [g["round"] for g in groupings] == [4, 6]
+    for g in groupings:  # no scores: margins of cosine, and no claim of standard errors
+        assert g["trusted"] is None and set(g["margins"]) == set(clusters) and g["median_margin"] > 0
+    # the probes are not training: the sampled clients' rounds are as many as without them
+    assert len([r for r in records if r["event"] == "round"]) == 8
+    with pytest.raises(Exception, match="reset_optimizer=true, or grouping=loss"):
+        config_from_dict({**raw, "federated": {**raw["federated"], "reset_optimizer": False}})

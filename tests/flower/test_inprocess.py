@@ -30,14 +30,20 @@ def _nodes(n):
 
 
 @pytest.mark.parametrize(
-    ("server", "schedule"),
+    ("server", "schedule", "grouping"),
     [
-        ({}, {}),
-        ({"server_optimizer": {"name": "avgm", "lr": 0.5}}, {"schedule": "linear", "warmup_steps": 2}),
+        ({}, {}, "loss"),
+        (
+            {"server_optimizer": {"name": "avgm", "lr": 0.5}},
+            {"schedule": "linear", "warmup_steps": 2},
+            "loss",
+        ),
+        ({}, {}, "updates"),
     ],
 )
-def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, schedule):
-    raw = planted_run_config(tmp_path, "local", clients=4, **FEDBISCUIT, **server)
+def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, schedule, grouping):
+    fedbiscuit = {**FEDBISCUIT, "fedbiscuit": {**FEDBISCUIT["fedbiscuit"], "grouping": grouping}}
+    raw = planted_run_config(tmp_path, "local", clients=4, **fedbiscuit, **server)
     raw["train"].update(schedule)
     local = run_federated(config_from_dict(raw), quiet=True)
     flower = run_inprocess(config_from_dict({**raw, "name": "flower"}), _nodes(4))
@@ -47,10 +53,12 @@ def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, sched
         for k, v in st.items():
             assert (v - b.selectors[sel][k]).abs().max().item() <= 1e-6, (sel, k)
     records = [json.loads(x) for x in (Path(flower["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    grouping = [r for r in records if r["event"] == "grouping"]
-    assert [g["round"] for g in grouping] == [2, 3] and len(grouping[0]["losses"]) == 4
+    groupings = [r for r in records if r["event"] == "grouping"]
+    assert [g["round"] for g in groupings] == [2, 3]
+    assert len(groupings[0]["losses" if grouping == "loss" else "margins"]) == 4
     sent = [r for r in records if r["event"] == "messages" and r["kind"] == "train"]
-    assert len(sent) == 4 and all(len(r["up_bytes"]) == 3 for r in sent)
+    probes = 2 if grouping == "updates" else 0  # each grouping by updates trains all 4 clients once
+    assert len(sent) == 4 + probes and sorted(len(r["up_bytes"]) for r in sent) == [3] * 4 + [4] * probes
 
 
 def test_replies_carry_tensors_and_numbers_only(tmp_path, monkeypatch):

@@ -6,17 +6,20 @@ Every algorithm is a set of named selectors plus a rule for which selector a sam
 - oracle: one selector per known group of raters (the client's natural id, its name before '#'), trained within
   that group from round 0: FedBiscuit's clusters as they would be if the grouping always found the groups;
 - fedbiscuit: K selectors; warm-up trains selector r // W in round r; from round K*W on, every G rounds the
-  clients are regrouped into K balanced clusters and each trains its cluster's selector.
+  clients are regrouped into K balanced clusters and each trains its cluster's selector. The grouping reads
+  every client's held-out loss under every selector (``grouping: loss``, the paper's), or the directions in
+  which the clients' data pull one shared selector (``grouping: updates``, clustered FL's).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..config import FederatedConfig
 from .checkpoint import ServerState
 from .client import TrainReply
-from .grouping import assign
+from .grouping import assign, balanced_kmeans
 from .server import aggregate, sample_clients
 
 
@@ -90,6 +93,30 @@ class Algorithm:
         matrix = np.array([[losses[c][s] for s in self.selectors] for c in names])
         idx = assign(matrix, self.cfg.fedbiscuit.assignment, seed=self.seed * 7919 + round_)
         return {c: self.selectors[i] for c, i in zip(names, idx, strict=True)}
+
+    def group_by_updates(
+        self, deltas: dict[str, np.ndarray], moved: dict[str, np.ndarray], round_: int
+    ) -> tuple[dict[str, str], dict[str, float]]:
+        """Balanced clusters of the clients' update directions (each client trained the selectors' mean for one
+        round's local steps; ``deltas``: its change), and which selector serves which cluster: the one that
+        has already moved most toward that cluster's direction (``moved``: each selector minus that mean).
+        Also, per client, its cosine to its own cluster's centre minus its best cosine to another's."""
+        names = [c for c in self.clients if c in deltas]
+        k = len(self.selectors)
+        idx, centroids = balanced_kmeans(
+            np.stack([deltas[c] for c in names]), k, seed=self.seed * 7919 + round_
+        )
+        towards = np.stack([moved[s] for s in self.selectors])
+        towards = towards / np.maximum(np.linalg.norm(towards, axis=1, keepdims=True), 1e-12)
+        clusters, selectors = linear_sum_assignment(-(centroids @ towards.T))
+        serves = {int(j): self.selectors[int(s)] for j, s in zip(clusters, selectors, strict=True)}
+        x = np.stack([deltas[c] / max(float(np.linalg.norm(deltas[c])), 1e-12) for c in names])
+        cos = x @ centroids.T
+        margins = {
+            c: float(cos[i, idx[i]] - max((cos[i, j] for j in range(k) if j != idx[i]), default=0.0))
+            for i, c in enumerate(names)
+        }
+        return {c: serves[idx[i]] for i, c in enumerate(names)}, margins
 
     # ------------------------------------------------------------------ aggregation
     def update_rule(self, round_: int) -> str:

@@ -7,6 +7,9 @@ Input: loss[i][k], client i's held-out loss under selector k. Three assignments:
   its askers in a shuffled client order.
 - ``greedy_assignment(..., keep="lowest_loss")``: the same rounds, but the most asked selector keeps the askers
   it fits best (lowest loss); not the reference's rule (config name ``greedy_lowest_loss``).
+
+``balanced_kmeans`` groups clients by the direction of their updates instead (``grouping: updates``), as
+clustered federated learning does (Sattler et al. 2020; Ghosh et al. 2020), with the same balance.
 """
 
 from __future__ import annotations
@@ -86,3 +89,35 @@ def assign(loss: np.ndarray, method: str, seed: int = 0) -> list[int]:
     if method == "greedy_lowest_loss":
         return greedy_assignment(loss, seed, keep="lowest_loss")
     raise ValueError(f"unknown assignment {method!r}: use optimal, greedy or greedy_lowest_loss")
+
+
+def balanced_kmeans(
+    x: np.ndarray, k: int, seed: int = 0, restarts: int = 8, iters: int = 50
+) -> tuple[list[int], np.ndarray]:
+    """Rows of ``x`` (clients' update directions) into k clusters of sizes floor(n/k) or ceil(n/k) by cosine
+    similarity: spherical k-means whose assignment step is optimal_assignment on -cos(row, centroid). The best
+    of ``restarts`` random balanced starts (highest total similarity to the own centroid). Returns the cluster
+    of each row and the k unit centroids. (scikit-learn's KMeans has no size constraint and is not a
+    dependency; this is 20 lines on the assignment the loss grouping already uses.)"""
+    x = np.asarray(x, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    best: tuple[float, list[int], np.ndarray] | None = None
+
+    def centres(idx: list[int]) -> np.ndarray:
+        c = np.stack([x[[i for i in range(n) if idx[i] == j]].sum(0) for j in range(k)])
+        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+    for _ in range(restarts):
+        idx = [int(j) for j in rng.permutation(np.arange(n) % k)]  # a random balanced start
+        for _ in range(iters):
+            new = optimal_assignment(-x @ centres(idx).T)
+            if new == idx:
+                break
+            idx = new
+        centroids = centres(idx)
+        score = float(sum(x[i] @ centroids[idx[i]] for i in range(n)))
+        if best is None or score > best[0] + 1e-12:
+            best = (score, idx, centroids)
+    return best[1], best[2]

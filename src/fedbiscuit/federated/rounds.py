@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
@@ -28,7 +30,7 @@ from .algorithm import Algorithm
 from .checkpoint import ServerState, save_checkpoint
 from .client import ScoreReply, TrainReply, client_seed, round_window
 from .privacy import CentralDP
-from .server import reject_reason
+from .server import fedavg, reject_reason
 from .server_optimizer import server_step
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,12 @@ def grouping_trust(losses: dict[str, dict[str, float]], errors: dict[str, dict[s
     }
 
 
+def _flat_delta(state: AdapterState, reference: AdapterState) -> np.ndarray:
+    return torch.cat(
+        [(state[k].double() - reference[k].double()).flatten() for k in sorted(reference)]
+    ).numpy()
+
+
 def _median(values: list[float]) -> float:
     values = sorted(values)
     if not values:
@@ -120,6 +128,59 @@ class RoundLoop:
     # ---------------------------------------------------------------- grouping round
     def regroup(self, state: ServerState, round_: int) -> None:
         start = time.perf_counter()
+        if self.cfg.federated.fedbiscuit.grouping == "updates":
+            assignment, record, missing = self._group_by_updates(state, round_)
+        else:
+            assignment, record, missing = self._group_by_loss(state, round_)
+        # Clients that could not take part while others could join the least populated cluster: the grouped
+        # ones are balanced, so this keeps every cluster size within one of the others.
+        for c in self.algorithm.clients:
+            if c not in assignment:
+                sizes = Counter(assignment.values())
+                assignment[c] = min(
+                    self.algorithm.selectors, key=lambda s: (sizes[s], s != state.clusters.get(c))
+                )
+        # None at the first grouping: there was no cluster to change
+        changed = (
+            sorted(c for c in assignment if state.clusters.get(c) != assignment[c])
+            if state.clusters
+            else None
+        )
+        state.clusters = assignment
+        self.run.log(
+            {
+                "event": "grouping",
+                "round": round_,
+                "assignment": assignment,
+                **record,
+                "changed": changed,
+                "seconds": time.perf_counter() - start,
+                "unscored": missing,
+            }
+        )
+        moved = "no" if changed is None else len(changed)
+        if record["trusted"] is None:
+            log.info(
+                "round %d grouping by update directions: median cosine margin %.3f; %s clients changed cluster",
+                round_,
+                record["median_margin"],
+                moved,
+            )
+            return
+        (log.info if record["trusted"] else log.warning)(
+            "round %d grouping: %d of %d clients prefer a selector by more than 2 standard errors (median "
+            "margin %.4f, median z %.2f)%s; %s clients changed cluster",
+            round_,
+            record["decided"],
+            len(record["losses"]),
+            record["median_margin"],
+            record["median_z"],
+            "" if record["trusted"] else ": for most clients the grouping is within noise",
+            moved,
+        )
+
+    def _group_by_loss(self, state: ServerState, round_: int) -> tuple[dict, dict, dict]:
+        """Every client scores every selector on its held-out slice; the balanced assignment of least loss."""
         losses, errors, unscored = {}, {}, {}
         for name, reply in self.transport.score(state.selectors, round_).items():
             if isinstance(reply, str):
@@ -140,46 +201,43 @@ class RoundLoop:
             raise TooFewClientsError(
                 f"round {round_}: no client could score the selectors; cannot group clients"
             )
-        # Clients that could not score while others could join the least populated cluster: the scored ones
-        # are balanced, so this keeps every cluster size within one of the others.
-        for c in self.algorithm.clients:
-            if c not in assignment:
-                sizes = Counter(assignment.values())
-                assignment[c] = min(
-                    self.algorithm.selectors, key=lambda s: (sizes[s], s != state.clusters.get(c))
-                )
-        trust = grouping_trust(losses, errors)
-        # None at the first grouping: there was no cluster to change
-        changed = (
-            sorted(c for c in assignment if state.clusters.get(c) != assignment[c])
-            if state.clusters
-            else None
-        )
-        state.clusters = assignment
-        self.run.log(
-            {
-                "event": "grouping",
-                "round": round_,
-                "assignment": assignment,
-                "losses": losses,
-                "diff_se": errors,
-                **trust,
-                "changed": changed,
-                "seconds": time.perf_counter() - start,
-                "unscored": unscored,
-            }
-        )
-        (log.info if trust["trusted"] else log.warning)(
-            "round %d grouping: %d of %d clients prefer a selector by more than 2 standard errors (median "
-            "margin %.4f, median z %.2f)%s; %s clients changed cluster",
-            round_,
-            trust["decided"],
-            len(losses),
-            trust["median_margin"],
-            trust["median_z"],
-            "" if trust["trusted"] else ": for most clients the grouping is within noise",
-            "no" if changed is None else len(changed),
-        )
+        return assignment, {"losses": losses, "diff_se": errors, **grouping_trust(losses, errors)}, unscored
+
+    def _group_by_updates(self, state: ServerState, round_: int) -> tuple[dict, dict, dict]:
+        """Every client trains the selectors' mean for one round's local steps (its seed salted apart from its
+        training seeds) and returns the adapter; clients are clustered by the direction of their change."""
+        reference = fedavg(list(state.selectors.values()))
+        index = {name: i for i, name in enumerate(self.algorithm.clients)}
+        jobs = {
+            c: TrainJob("probe", reference, client_seed(self.cfg.seed, round_, index[c], salt=1))
+            for c in self.algorithm.clients
+        }
+        deltas, failed = {}, {}
+        for name, outcome in self.transport.train(jobs, round_).items():
+            outcome = self._check(outcome, reference)
+            if isinstance(outcome, str):
+                failed[name] = outcome
+                log.warning("round %d: client %s sent no usable probe update: %s", round_, name, outcome)
+            else:
+                deltas[name] = _flat_delta(outcome.state, reference)
+        if len(deltas) >= len(self.algorithm.selectors):
+            moved = {s: _flat_delta(st, reference) for s, st in state.selectors.items()}
+            assignment, margins = self.algorithm.group_by_updates(deltas, moved, round_)
+        elif state.clusters:
+            assignment, margins = dict(state.clusters), {}  # too few probes: everyone keeps their cluster
+        else:
+            raise TooFewClientsError(
+                f"round {round_}: {len(deltas)} clients sent a usable probe update, fewer than the "
+                f"{len(self.algorithm.selectors)} clusters; cannot group clients"
+            )
+        record = {
+            "margins": margins,  # cosine to the own cluster's centre minus the best other's
+            "median_margin": _median(list(margins.values())),
+            "decided": None,
+            "median_z": None,
+            "trusted": None,  # no standard errors: a direction's noise is not estimated
+        }
+        return assignment, record, failed
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, state: ServerState, round_: int) -> dict | None:
