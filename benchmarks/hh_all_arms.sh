@@ -12,6 +12,8 @@
 #   fedbiscuit_upd, fedbiscuit_k4_upd  fedbiscuit / fedbiscuit_k4 grouping by update directions
 #               (federated.fedbiscuit.grouping=updates: each grouping trains every client once on the selectors'
 #               mean and clusters the changes) instead of held-out losses
+#   fedbiscuit_grad, fedbiscuit_k4_grad  the same grouping by gradient directions (grouping=gradients: one plain
+#               gradient step over 64 training pairs per client)
 #   oracle      the same rounds and steps, a selector per HH subset trained by that subset's clients from round 0:
 #               FedBiscuit's clusters as they would be if every grouping found the subsets
 #   local       the same rounds and steps, every client its own selector (a client trains when sampled)
@@ -46,6 +48,12 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4_upd) run all_fedbiscuit_k4_upd_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
                          federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
                          federated.fedbiscuit.regroup_every=10 federated.fedbiscuit.grouping=updates ;;
+    fedbiscuit_grad) run all_fedbiscuit_grad_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                       federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 \
+                       federated.fedbiscuit.grouping=gradients ;;
+    fedbiscuit_k4_grad) run all_fedbiscuit_k4_grad_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
+                          federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
+                          federated.fedbiscuit.regroup_every=10 federated.fedbiscuit.grouping=gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
     central_top2|fedbis_top2)
@@ -53,6 +61,6 @@ for arm in "${arms[@]}"; do
       .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml "${top2[@]}" > $out/all_cache_build_top2.log 2>&1
       if [ $arm = central_top2 ]; then run all_central_top2_s$seed configs/hh_centralized.yaml train.epochs=2 "${top2[@]}"
       else run all_fedbis_top2_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top2[@]}"; fi ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd oracle local central_top2 fedbis_top2)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2)"; exit 2 ;;
   esac
 done

@@ -361,7 +361,13 @@ class FedBiscuitConfig(_Section):
     # sends the adapter back; clients are clustered by the direction of their change (balanced spherical
     # k-means, as clustered federated learning does: Sattler et al. 2020), and each cluster takes the selector
     # that has moved most toward it. Costs a round of training on every client per grouping, no scoring.
-    grouping: Literal["loss", "updates"] = "loss"
+    # gradients: as updates, but each client sends one plain gradient step (the mean gradient of its choice
+    # loss over its first `gradient_pairs` training pairs) instead of a round of AdamW, whose first steps move
+    # every coordinate by about lr whatever its gradient (BENCHMARKS.md: the 4 harmless-base clients form one
+    # of 4 clusters by gradient, not by AdamW round). Both cluster the changes minus their mean: what every
+    # client learns alike says nothing about groups.
+    grouping: Literal["loss", "updates", "gradients"] = "loss"
+    gradient_pairs: int | None = Field(default=64, ge=1)  # grouping: gradients; null: every training pair
 
 
 class CentralDPConfig(_Section):

@@ -133,8 +133,14 @@ def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_i
     rng = np.random.default_rng(0)
     pulls = rng.normal(size=(3, 40))  # three groups of clients pull in three directions
     deltas = {f"c{i}": pulls[i % 3] + 0.2 * rng.normal(size=40) for i in range(6)}
-    # selector-0 has moved toward group 2, selector-1 toward group 0, selector-2 toward group 1
-    moved = {"selector-0": pulls[2], "selector-1": pulls[0], "selector-2": pulls[1]}
+    # selector-0 has moved toward group 2, selector-1 toward group 0, selector-2 toward group 1 (each selector
+    # minus the selectors' mean, as the round loop computes it)
+    centre = pulls.mean(0)
+    moved = {
+        "selector-0": pulls[2] - centre,
+        "selector-1": pulls[0] - centre,
+        "selector-2": pulls[1] - centre,
+    }
     clusters, margins = algo.group_by_updates(deltas, moved, round_=6)
     serves = {0: "selector-1", 1: "selector-2", 2: "selector-0"}
     assert clusters == {f"c{i}": serves[i % 3] for i in range(6)}

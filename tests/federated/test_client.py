@@ -79,3 +79,38 @@ def test_scores_come_with_the_standard_error_of_each_selectors_difference_to_the
     diff = per_pair[other] - per_pair[best]
     assert reply.diff_se[best] == 0.0
     assert reply.diff_se[other] == pytest.approx((diff.std() / 12**0.5).item(), rel=1e-3)
+
+
+def test_a_gradient_step_is_one_plain_sgd_step_of_rate_one_over_the_first_pairs(tiny):
+    """grouping: gradients: the client returns its state minus the mean gradient of the choice loss over its
+    first N training pairs, as torch's SGD with lr 1 takes it; pairs beyond N play no part."""
+    import torch
+
+    from fedbiscuit.config import LoraSettings
+    from fedbiscuit.models.adapters import adapter_state, add_adapter, load_adapter_state
+    from fedbiscuit.selector.training import choice_loss
+
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    torch.manual_seed(0)
+    start = {k: torch.randn_like(v) * 0.3 for k, v in adapter_state(model, "selector").items()}
+    enc = PairEncoder(tok, Template.parse("generic"), 256)
+    choice = answer_token_ids(tok)
+    train = [Comparison(f"q {i}", f"yes {i}", f"no {i}", float(i % 2), "c", "t") for i in range(11)]
+    client = SelectorClient(0, ClientData("c", train, []), enc, choice)
+    reply = client.gradient_step(model, start, max_pairs=7, batch_size=3)
+    assert reply.num_samples == 7
+
+    load_adapter_state(model, "selector", start)  # the same step with torch's SGD, all 7 pairs in one batch
+    params = [w for w in model.parameters() if w.requires_grad]
+    opt = torch.optim.SGD(params, lr=1.0)
+    logits, target = enc.logits(model, enc.encode(train[:7]), True, choice)
+    choice_loss(logits.float(), target.float()).backward()
+    opt.step()
+    expected = adapter_state(model, "selector")
+    moved = 0.0
+    for k, v in expected.items():
+        assert torch.allclose(reply.state[k], v, atol=1e-5), k
+        moved += float((v - start[k]).abs().sum())
+    assert moved > 0  # a real step, not the state sent
+    assert client.gradient_step(model, start, max_pairs=7, batch_size=7).state.keys() == start.keys()

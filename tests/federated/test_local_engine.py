@@ -254,6 +254,7 @@ SCHEDULE = {"schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1}
         (True, ADAPTIVE, SCHEDULE, "loss"),
         (True, {"server_optimizer": {"name": "yogi", "lr": 0.01}}, {}, "loss"),
         (True, {}, SCHEDULE, "updates"),
+        (True, {}, {}, "gradients"),
     ],
 )
 def test_resume_from_an_earlier_checkpoint_replays_exactly(tmp_path, reset, server, schedule, grouping):
@@ -473,12 +474,14 @@ def test_a_federated_run_is_paired_against_its_untrained_selectors(tmp_path):
     assert no_start["paired"] is None
 
 
-def test_grouping_by_update_directions_recovers_planted_groups(tmp_path):
-    """grouping=updates: every client trains the selectors' mean at each grouping and the clusters follow the
-    directions of their changes; the planted yes/no clients pull in opposite directions."""
+@pytest.mark.parametrize("grouping", ["updates", "gradients"])
+def test_grouping_by_update_directions_recovers_planted_groups(tmp_path, grouping):
+    """grouping=updates / gradients: every client trains the selectors' mean for a round (or takes one gradient
+    step from it) at each grouping and the clusters follow the directions of their changes; the planted yes/no
+    clients pull in opposite directions."""
     from tests.federated.sklearn_free_ari import adjusted_rand_index
 
-    fb = {"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2, "grouping": "updates"}
+    fb = {"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2, "grouping": grouping}
     raw = make_cfg(
         tmp_path, algorithm="fedbiscuit", rounds=8, clients_per_round=4, local_steps=3, fedbiscuit=fb
     )
@@ -493,5 +496,9 @@ def test_grouping_by_update_directions_recovers_planted_groups(tmp_path):
         assert g["trusted"] is None and set(g["margins"]) == set(clusters) and g["median_margin"] > 0
     # the probes are not training: the sampled clients' rounds are as many as without them
     assert len([r for r in records if r["event"] == "round"]) == 8
-    with pytest.raises(Exception, match="reset_optimizer=true, or grouping=loss"):
-        config_from_dict({**raw, "federated": {**raw["federated"], "reset_optimizer": False}})
+    kept = {**raw, "federated": {**raw["federated"], "reset_optimizer": False}}
+    if grouping == "updates":  # its round of AdamW would enter the optimizer state kept across rounds
+        with pytest.raises(Exception, match="reset_optimizer=true, or grouping=loss"):
+            config_from_dict(kept)
+    else:  # a gradient step uses no optimizer
+        assert config_from_dict(kept).federated.reset_optimizer is False

@@ -39,6 +39,7 @@ def _nodes(n):
             "loss",
         ),
         ({}, {}, "updates"),
+        ({}, {}, "gradients"),
     ],
 )
 def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, schedule, grouping):
@@ -57,7 +58,7 @@ def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, sched
     assert [g["round"] for g in groupings] == [2, 3]
     assert len(groupings[0]["losses" if grouping == "loss" else "margins"]) == 4
     sent = [r for r in records if r["event"] == "messages" and r["kind"] == "train"]
-    probes = 2 if grouping == "updates" else 0  # each grouping by updates trains all 4 clients once
+    probes = 0 if grouping == "loss" else 2  # each grouping by updates or gradients asks all 4 clients once
     assert len(sent) == 4 + probes and sorted(len(r["up_bytes"]) for r in sent) == [3] * 4 + [4] * probes
 
 

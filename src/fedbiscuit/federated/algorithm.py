@@ -97,20 +97,21 @@ class Algorithm:
     def group_by_updates(
         self, deltas: dict[str, np.ndarray], moved: dict[str, np.ndarray], round_: int
     ) -> tuple[dict[str, str], dict[str, float]]:
-        """Balanced clusters of the clients' update directions (each client trained the selectors' mean for one
-        round's local steps; ``deltas``: its change), and which selector serves which cluster: the one that
-        has already moved most toward that cluster's direction (``moved``: each selector minus that mean).
-        Also, per client, its cosine to its own cluster's centre minus its best cosine to another's."""
+        """Balanced clusters of the clients' update directions (``deltas``: each client's change from the
+        selectors' mean, after a round of training or one gradient step), minus their mean, and which selector
+        serves which cluster: the one that has already moved most toward that cluster's direction (``moved``:
+        each selector minus that mean). Also, per client, its cosine to its own cluster's centre minus its best
+        cosine to another's."""
         names = [c for c in self.clients if c in deltas]
         k = len(self.selectors)
-        idx, centroids = balanced_kmeans(
-            np.stack([deltas[c] for c in names]), k, seed=self.seed * 7919 + round_
-        )
+        x = np.stack([deltas[c] for c in names])
+        x = x - x.mean(0)  # what every client learns alike says nothing about groups: cluster the deviations
+        idx, centroids = balanced_kmeans(x, k, seed=self.seed * 7919 + round_)
         towards = np.stack([moved[s] for s in self.selectors])
         towards = towards / np.maximum(np.linalg.norm(towards, axis=1, keepdims=True), 1e-12)
         clusters, selectors = linear_sum_assignment(-(centroids @ towards.T))
         serves = {int(j): self.selectors[int(s)] for j, s in zip(clusters, selectors, strict=True)}
-        x = np.stack([deltas[c] / max(float(np.linalg.norm(deltas[c])), 1e-12) for c in names])
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         cos = x @ centroids.T
         margins = {
             c: float(cos[i, idx[i]] - max((cos[i, j] for j in range(k) if j != idx[i]), default=0.0))

@@ -6,6 +6,7 @@ a ScoreReply holds one float loss per selector. Transport is someone else's job 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,48 @@ class SelectorClient:
                 "lr": float(optimizer.param_groups[0]["lr"]),  # the rate of the round's last step
                 "seconds": result.seconds,  # pure training: the engine's overhead is the round's time minus this
             },
+        )
+
+    def gradient_step(self, model, state: AdapterState, max_pairs: int | None, batch_size: int) -> TrainReply:
+        """One plain gradient-descent step of rate 1 from ``state``: ``state`` minus the mean gradient of the
+        choice loss over the first ``max_pairs`` training pairs (None: all). What grouping: gradients reads:
+        the direction this client's preferences pull a shared selector, without an optimizer's rescaling
+        (a fresh AdamW's first steps move every coordinate by about lr, whatever its gradient)."""
+        pairs = self.train_pairs[:max_pairs] if max_pairs else self.train_pairs
+        if not pairs:
+            raise ValueError(f"client {self.name!r} has no training pairs")
+        start = time.perf_counter()
+        load_adapter_state(model, WORK_ADAPTER, state, where=f"state sent to client {self.name}")
+        model.set_adapter(WORK_ADAPTER)
+        was_training = model.training
+        model.eval()  # no dropout: the direction, not a sample of it
+        device = next(model.parameters()).device
+        params = {n: w for n, w in model.named_parameters() if w.requires_grad}
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        try:
+            for i in range(0, len(pairs), batch_size):
+                batch = pairs[i : i + batch_size]
+                logits, target = self.encoder.logits(model, batch, True, self.choice_ids, device)
+                loss = choice_loss(logits.float(), target.float()) * (len(batch) / len(pairs))
+                loss.backward()
+                total += float(loss)
+            # peft names a parameter ...lora_A.<adapter>.weight and its state-dict entry ...lora_A.weight
+            grads = {n.replace(f".{WORK_ADAPTER}.", "."): w.grad for n, w in params.items()}
+            stepped = {}
+            for key, value in state.items():
+                if key not in grads:
+                    raise KeyError(f"no trainable parameter for adapter tensor {key} in client {self.name!r}")
+                g = grads[key]
+                g = torch.zeros_like(value) if g is None else g.detach().to("cpu", torch.float64)
+                stepped[key] = (value.double() - g).to(value.dtype)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return TrainReply(
+            state=stepped,
+            num_samples=len(pairs),
+            metrics={"loss": total, "pairs_seen": float(len(pairs)), "seconds": time.perf_counter() - start},
         )
 
     @torch.no_grad()

@@ -96,7 +96,7 @@ def balanced_kmeans(
 ) -> tuple[list[int], np.ndarray]:
     """Rows of ``x`` (clients' update directions) into k clusters of sizes floor(n/k) or ceil(n/k) by cosine
     similarity: spherical k-means whose assignment step is optimal_assignment on -cos(row, centroid). The best
-    of ``restarts`` random balanced starts (highest total similarity to the own centroid). Returns the cluster
+    of ``restarts`` farthest-point seedings (highest total similarity to the own centroid). Returns the cluster
     of each row and the k unit centroids. (scikit-learn's KMeans has no size constraint and is not a
     dependency; this is 20 lines on the assignment the loss grouping already uses.)"""
     x = np.asarray(x, dtype=np.float64)
@@ -109,8 +109,14 @@ def balanced_kmeans(
         c = np.stack([x[[i for i in range(n) if idx[i] == j]].sum(0) for j in range(k)])
         return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
-    for _ in range(restarts):
-        idx = [int(j) for j in rng.permutation(np.arange(n) % k)]  # a random balanced start
+    firsts = rng.permutation(n)[: max(1, restarts)]
+    for first in firsts:
+        # farthest-point seeding from a different row each restart (random balanced starts got stuck in local
+        # optima even on 6 clearly separated rows): each next centre is the row least similar to those chosen
+        chosen = [int(first)]
+        while len(chosen) < k:
+            chosen.append(int(np.argmin((x @ x[chosen].T).max(1))))
+        idx = optimal_assignment(-x @ x[chosen].T)
         for _ in range(iters):
             new = optimal_assignment(-x @ centres(idx).T)
             if new == idx:

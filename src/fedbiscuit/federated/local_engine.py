@@ -33,6 +33,11 @@ class LocalTransport:
         fed, out = self.cfg.federated, {}
         for name, job in jobs.items():
             try:
+                if job.probe == "gradient":
+                    out[name] = self.clients[name].gradient_step(
+                        self.model, job.state, job.pairs, self.cfg.train.batch_size
+                    )
+                    continue
                 out[name] = self.clients[name].train(
                     self.model,
                     job.state,

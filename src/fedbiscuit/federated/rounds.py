@@ -49,6 +49,10 @@ class TrainJob:
     selector: str
     state: AdapterState
     seed: int
+    # "gradient": not a round of training but one plain gradient step of rate 1 over the client's first
+    # `pairs` training pairs (grouping: gradients); None: federated.local_steps steps of the run's optimizer
+    probe: str | None = None
+    pairs: int | None = None
 
 
 class Transport(Protocol):
@@ -128,7 +132,7 @@ class RoundLoop:
     # ---------------------------------------------------------------- grouping round
     def regroup(self, state: ServerState, round_: int) -> None:
         start = time.perf_counter()
-        if self.cfg.federated.fedbiscuit.grouping == "updates":
+        if self.cfg.federated.fedbiscuit.grouping in ("updates", "gradients"):
             assignment, record, missing = self._group_by_updates(state, round_)
         else:
             assignment, record, missing = self._group_by_loss(state, round_)
@@ -204,12 +208,21 @@ class RoundLoop:
         return assignment, {"losses": losses, "diff_se": errors, **grouping_trust(losses, errors)}, unscored
 
     def _group_by_updates(self, state: ServerState, round_: int) -> tuple[dict, dict, dict]:
-        """Every client trains the selectors' mean for one round's local steps (its seed salted apart from its
-        training seeds) and returns the adapter; clients are clustered by the direction of their change."""
+        """Every client trains the selectors' mean for one round's local steps (grouping: updates; its seed
+        salted apart from its training seeds) or takes one plain gradient step from it (grouping: gradients) and
+        returns the adapter; clients are clustered by the direction of their change."""
+        fb = self.cfg.federated.fedbiscuit
         reference = fedavg(list(state.selectors.values()))
         index = {name: i for i, name in enumerate(self.algorithm.clients)}
+        probe = "gradient" if fb.grouping == "gradients" else None
         jobs = {
-            c: TrainJob("probe", reference, client_seed(self.cfg.seed, round_, index[c], salt=1))
+            c: TrainJob(
+                "probe",
+                reference,
+                client_seed(self.cfg.seed, round_, index[c], salt=1),
+                probe,
+                fb.gradient_pairs,
+            )
             for c in self.algorithm.clients
         }
         deltas, failed = {}, {}

@@ -131,6 +131,11 @@ def _train(msg: Message, context: Context) -> Message:
     raw_cfg, task = m.request_task(msg.content)
     client, ws = _client(raw_cfg, context)
     cfg = ws.cfg
+    if task.get("probe") == "gradient":  # grouping: gradients
+        reply = client.gradient_step(ws.model, m.record_state(msg.content[m.STATE]), int(task["pairs"]) or None,
+                                     cfg.train.batch_size)  # fmt: skip
+        reply.metrics["handler_seconds"] = time.perf_counter() - start
+        return Message(m.train_reply_content(reply), reply_to=msg)
     reply = client.train(
         ws.model,
         m.record_state(msg.content[m.STATE]),

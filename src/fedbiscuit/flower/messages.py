@@ -53,11 +53,16 @@ def task_record(config_json: str, **values) -> ConfigRecord:
     return ConfigRecord({"config": config_json, **values})
 
 
-def train_content(config_json: str, selector: str, state, seed: int, round_: int) -> RecordDict:
+def train_content(
+    config_json: str, selector: str, state, seed: int, round_: int, probe: str | None = None, pairs: int = 0
+) -> RecordDict:
+    """``probe="gradient"``: one gradient step over the first ``pairs`` training pairs (0: all) instead of a
+    round of training (grouping: gradients)."""
+    probed = {"probe": probe, "pairs": pairs} if probe else {}
     return RecordDict(
         {
             STATE: state_record(state),
-            TASK: task_record(config_json, selector=selector, seed=seed, round=round_),
+            TASK: task_record(config_json, selector=selector, seed=seed, round=round_, **probed),
         }
     )
 

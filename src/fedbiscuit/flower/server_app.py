@@ -172,7 +172,9 @@ class FlowerTransport:
             if name not in self.node_of:
                 out[name] = "unreachable: no connected node holds this client"
                 continue
-            content = m.train_content(self.config_json, job.selector, job.state, job.seed, round_)
+            content = m.train_content(
+                self.config_json, job.selector, job.state, job.seed, round_, job.probe, job.pairs or 0
+            )
             requests[name] = self._message(content, self.node_of[name], m.TRAIN)
         for name, reply in self._exchange(requests, "train", round_).items():
             if isinstance(reply, str):
