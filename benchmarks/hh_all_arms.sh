@@ -32,28 +32,21 @@ seq=(train.batch_size=2 federated.clients_per_round=4 federated.local_steps=16 f
      federated.checkpoint_every=20 eval.before_training=true)
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run "$@" name=$name seed=$seed \
           output_dir=$out --quiet --overwrite > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
+# FedBiscuit with K selectors, W warm-up rounds each (K*W = 20 warm-up rounds), regrouping every 10, a grouping rule
+fedbiscuit_arm() { run all_$1_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" federated.fedbiscuit.num_selectors=$2 \
+                     federated.fedbiscuit.warmup_rounds=$3 federated.fedbiscuit.regroup_every=10 \
+                     federated.fedbiscuit.grouping=$4; }
 .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml > $out/all_cache_build.log 2>&1
 for arm in "${arms[@]}"; do
   case $arm in
     central) run all_central_s$seed configs/hh_centralized.yaml train.epochs=2 ;;
     fedbis) run all_fedbis_s$seed configs/hh_fedbis.yaml "${seq[@]}" ;;
-    fedbiscuit) run all_fedbiscuit_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                  federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 ;;
-    fedbiscuit_k4) run all_fedbiscuit_k4_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                     federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
-                     federated.fedbiscuit.regroup_every=10 ;;
-    fedbiscuit_upd) run all_fedbiscuit_upd_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                      federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 \
-                      federated.fedbiscuit.grouping=updates ;;
-    fedbiscuit_k4_upd) run all_fedbiscuit_k4_upd_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                         federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
-                         federated.fedbiscuit.regroup_every=10 federated.fedbiscuit.grouping=updates ;;
-    fedbiscuit_grad) run all_fedbiscuit_grad_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                       federated.fedbiscuit.warmup_rounds=10 federated.fedbiscuit.regroup_every=10 \
-                       federated.fedbiscuit.grouping=gradients ;;
-    fedbiscuit_k4_grad) run all_fedbiscuit_k4_grad_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" \
-                          federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=5 \
-                          federated.fedbiscuit.regroup_every=10 federated.fedbiscuit.grouping=gradients ;;
+    fedbiscuit) fedbiscuit_arm fedbiscuit 2 10 loss ;;
+    fedbiscuit_k4) fedbiscuit_arm fedbiscuit_k4 4 5 loss ;;
+    fedbiscuit_upd) fedbiscuit_arm fedbiscuit_upd 2 10 updates ;;
+    fedbiscuit_k4_upd) fedbiscuit_arm fedbiscuit_k4_upd 4 5 updates ;;
+    fedbiscuit_grad) fedbiscuit_arm fedbiscuit_grad 2 10 gradients ;;
+    fedbiscuit_k4_grad) fedbiscuit_arm fedbiscuit_k4_grad 4 5 gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
     central_top2|fedbis_top2)
