@@ -145,3 +145,25 @@ def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_i
     serves = {0: "selector-1", 1: "selector-2", 2: "selector-0"}
     assert clusters == {f"c{i}": serves[i % 3] for i in range(6)}
     assert set(margins) == set(deltas) and all(m > 0.3 for m in margins.values())
+
+
+def test_a_regrouping_keeps_each_group_on_the_selector_it_trained():
+    """The same clusters found again keep their selectors, whatever direction the selectors have moved in."""
+    import numpy as np
+
+    algo = _algo(fb={"grouping": "gradients"})
+    rng = np.random.default_rng(1)
+    pulls = rng.normal(size=(3, 40))
+    deltas = {f"c{i}": pulls[i % 3] + 0.2 * rng.normal(size=40) for i in range(6)}
+    centre = pulls.mean(0)
+    moved = {
+        "selector-0": pulls[2] - centre,
+        "selector-1": pulls[0] - centre,
+        "selector-2": pulls[1] - centre,
+    }
+    before = {f"c{i}": f"selector-{i % 3}" for i in range(6)}  # group t trained selector-t
+    clusters, _ = algo.group_by_updates(deltas, moved, round_=10, previous=before)
+    assert clusters == before
+    # one client moved to another group keeps the majority's mapping for the rest
+    clusters, _ = algo.group_by_updates(deltas, moved, round_=10, previous={**before, "c0": "selector-2"})
+    assert clusters == before

@@ -95,13 +95,18 @@ class Algorithm:
         return {c: self.selectors[i] for c, i in zip(names, idx, strict=True)}
 
     def group_by_updates(
-        self, deltas: dict[str, np.ndarray], moved: dict[str, np.ndarray], round_: int
+        self,
+        deltas: dict[str, np.ndarray],
+        moved: dict[str, np.ndarray],
+        round_: int,
+        previous: dict[str, str] | None = None,
     ) -> tuple[dict[str, str], dict[str, float]]:
         """Balanced clusters of the clients' update directions (``deltas``: each client's change from the
         selectors' mean, after a round of training or one gradient step), minus their mean, and which selector
         serves which cluster: the one that has already moved most toward that cluster's direction (``moved``:
-        each selector minus that mean). Also, per client, its cosine to its own cluster's centre minus its best
-        cosine to another's."""
+        each selector minus that mean); after the first grouping, the selector most of the cluster's members had
+        (``previous``). Also, per client, its cosine to its own cluster's centre minus its best cosine to
+        another's."""
         names = [c for c in self.clients if c in deltas]
         k = len(self.selectors)
         x = np.stack([deltas[c] for c in names])
@@ -109,7 +114,15 @@ class Algorithm:
         idx, centroids = balanced_kmeans(x, k, seed=self.seed * 7919 + round_)
         towards = np.stack([moved[s] for s in self.selectors])
         towards = towards / np.maximum(np.linalg.norm(towards, axis=1, keepdims=True), 1e-12)
-        clusters, selectors = linear_sum_assignment(-(centroids @ towards.T))
+        affinity = centroids @ towards.T  # in [-1, 1]
+        if previous:
+            # Keep each group on the selector it trained: the cluster takes the selector most of its members had
+            # (the direction only breaks ties). Without this the same clusters swapped selectors between
+            # groupings (BENCHMARKS.md, session 9), so each selector was retrained by another group.
+            for i, c in enumerate(names):
+                if c in previous:
+                    affinity[idx[i], self.selectors.index(previous[c])] += 2.0
+        clusters, selectors = linear_sum_assignment(-affinity)
         serves = {int(j): self.selectors[int(s)] for j, s in zip(clusters, selectors, strict=True)}
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         cos = x @ centroids.T

@@ -235,7 +235,7 @@ class RoundLoop:
                 deltas[name] = _flat_delta(outcome.state, reference)
         if len(deltas) >= len(self.algorithm.selectors):
             moved = {s: _flat_delta(st, reference) for s, st in state.selectors.items()}
-            assignment, margins = self.algorithm.group_by_updates(deltas, moved, round_)
+            assignment, margins = self.algorithm.group_by_updates(deltas, moved, round_, state.clusters)
         elif state.clusters:
             assignment, margins = dict(state.clusters), {}  # too few probes: everyone keeps their cluster
         else:
