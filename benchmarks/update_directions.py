@@ -40,10 +40,9 @@ def main() -> None:
     from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
     from fedbiscuit.federated.client import WORK_ADAPTER, SelectorClient, round_window
     from fedbiscuit.federated.grouping import balanced_kmeans
-    from fedbiscuit.models.adapters import adapter_state, load_adapter_state
+    from fedbiscuit.models.adapters import adapter_state
     from fedbiscuit.pipeline import open_workspace
     from fedbiscuit.report import adjusted_rand, chance_probability
-    from fedbiscuit.selector.training import choice_loss
 
     cfg = load_config(args.config, [])
     ws = open_workspace(cfg, quiet=True)
@@ -59,34 +58,21 @@ def main() -> None:
     fed = cfg.federated
     directions: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("gradient", "probe") if k in wanted}
     keys = sorted(reference)
+
+    def change(reply) -> np.ndarray:  # the same flattening the round loop's grouping uses
+        return torch.cat([(reply.state[k].double() - reference[k].double()).flatten() for k in keys]).numpy()
+
     for client in clients:
-        load_adapter_state(model, WORK_ADAPTER, reference)
-        model.set_adapter(WORK_ADAPTER)
-        model.train()
-        model.zero_grad(set_to_none=True)
-        pairs = client.train_pairs[: args.pairs]
-        named = dict(model.named_parameters())
-        for i in range(0, len(pairs), 8):
-            batch = pairs[i : i + 8]
-            logits = ws.encoder.logits(model, batch, True, ws.choice_ids)[0]
-            target = torch.tensor([q.label for q in batch] + [1 - q.label for q in batch], dtype=logits.dtype)
-            (choice_loss(logits.float(), target.float()) * len(batch) / len(pairs)).backward()
-        grads = {}
-        for name, w in named.items():
-            if w.requires_grad and w.grad is not None:
-                grads[name] = w.grad.detach().double().flatten()
-        if "gradient" in directions:
-            directions["gradient"][client.name] = -torch.cat([grads[k] for k in sorted(grads)]).numpy()
-        model.zero_grad(set_to_none=True)
-        if "probe" not in directions:
-            continue
-        reply = client.train(
-            model, reference, cfg.train, fed.local_steps, seed=client.index,
-            schedule_window=round_window(fed.rounds, fed.local_steps, 20),
-        )  # fmt: skip
-        directions["probe"][client.name] = torch.cat(
-            [(reply.state[k].double() - reference[k].double()).flatten() for k in keys]
-        ).numpy()
+        if "gradient" in directions:  # minus the mean gradient: what grouping: gradients reads
+            directions["gradient"][client.name] = change(
+                client.gradient_step(model, reference, args.pairs, 8)
+            )
+        if "probe" in directions:  # one round of AdamW: what grouping: updates reads
+            reply = client.train(
+                model, reference, cfg.train, fed.local_steps, seed=client.index,
+                schedule_window=round_window(fed.rounds, fed.local_steps, 20),
+            )  # fmt: skip
+            directions["probe"][client.name] = change(reply)
 
     def harm(c: str) -> str:
         return "harmless" if c.startswith("harmless") else "helpful"

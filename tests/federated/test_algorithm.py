@@ -126,21 +126,22 @@ def test_fewer_clients_than_min_clients_is_an_error_before_round_zero():
     assert Algorithm(cfg, ["a", "b", "c"], 0).clients == ["a", "b", "c"]
 
 
-def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_it():
+def _three_groups(seed: int):
+    """Six clients in three groups pulling in three directions (client i in group i % 3), and the selectors'
+    moves: selector-0 toward group 2, selector-1 toward group 0, selector-2 toward group 1 (each selector minus
+    the selectors' mean, as the round loop computes it)."""
     import numpy as np
 
-    algo = _algo(fb={"grouping": "updates"})  # 6 clients, 3 selectors
-    rng = np.random.default_rng(0)
-    pulls = rng.normal(size=(3, 40))  # three groups of clients pull in three directions
+    rng = np.random.default_rng(seed)
+    pulls = rng.normal(size=(3, 40))
     deltas = {f"c{i}": pulls[i % 3] + 0.2 * rng.normal(size=40) for i in range(6)}
-    # selector-0 has moved toward group 2, selector-1 toward group 0, selector-2 toward group 1 (each selector
-    # minus the selectors' mean, as the round loop computes it)
     centre = pulls.mean(0)
-    moved = {
-        "selector-0": pulls[2] - centre,
-        "selector-1": pulls[0] - centre,
-        "selector-2": pulls[1] - centre,
-    }
+    return deltas, {f"selector-{s}": pulls[(s + 2) % 3] - centre for s in range(3)}
+
+
+def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_it():
+    algo = _algo(fb={"grouping": "updates"})  # 6 clients, 3 selectors
+    deltas, moved = _three_groups(seed=0)
     clusters, margins = algo.group_by_updates(deltas, moved, round_=6)
     serves = {0: "selector-1", 1: "selector-2", 2: "selector-0"}
     assert clusters == {f"c{i}": serves[i % 3] for i in range(6)}
@@ -149,18 +150,8 @@ def test_grouping_by_updates_gives_each_cluster_the_selector_that_moved_toward_i
 
 def test_a_regrouping_keeps_each_group_on_the_selector_it_trained():
     """The same clusters found again keep their selectors, whatever direction the selectors have moved in."""
-    import numpy as np
-
     algo = _algo(fb={"grouping": "gradients"})
-    rng = np.random.default_rng(1)
-    pulls = rng.normal(size=(3, 40))
-    deltas = {f"c{i}": pulls[i % 3] + 0.2 * rng.normal(size=40) for i in range(6)}
-    centre = pulls.mean(0)
-    moved = {
-        "selector-0": pulls[2] - centre,
-        "selector-1": pulls[0] - centre,
-        "selector-2": pulls[1] - centre,
-    }
+    deltas, moved = _three_groups(seed=1)
     before = {f"c{i}": f"selector-{i % 3}" for i in range(6)}  # group t trained selector-t
     clusters, _ = algo.group_by_updates(deltas, moved, round_=10, previous=before)
     assert clusters == before
