@@ -159,3 +159,14 @@ def test_a_centralized_pipeline_refuses_federated_settings_it_would_ignore(tmp_p
     assert load_config(path).pipeline == "centralized"
     assert load_config(path, ["federated.rounds=10"]).federated.rounds == 10
     assert load_config(path, ["federated.algorithm=centralized"]).federated.algorithm == "centralized"
+
+
+def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
+    from fedbiscuit.config import FedBiscuitConfig
+
+    with pytest.raises(ValueError, match=r"gradient_pairs=32 applies to grouping=gradients"):
+        FedBiscuitConfig(grouping="loss", gradient_pairs=32)
+    with pytest.raises(ValueError, match=r"grouping_pairs=8 caps the held-out pairs"):
+        FedBiscuitConfig(grouping="gradients", grouping_pairs=8)
+    assert FedBiscuitConfig(grouping="gradients", gradient_pairs=32).gradient_pairs == 32
+    assert FedBiscuitConfig(grouping="loss", grouping_pairs=8).grouping_pairs == 8

@@ -369,6 +369,21 @@ class FedBiscuitConfig(_Section):
     grouping: Literal["loss", "updates", "gradients"] = "loss"
     gradient_pairs: int | None = Field(default=64, ge=1)  # grouping: gradients; null: every training pair
 
+    @model_validator(mode="after")
+    def _pairs_of_the_grouping_used(self) -> FedBiscuitConfig:
+        # each count belongs to one grouping rule; set for another it would be ignored
+        if self.grouping != "loss" and self.grouping_pairs is not None:
+            raise ValueError(
+                f"federated.fedbiscuit.grouping_pairs={self.grouping_pairs} caps the held-out pairs scored by "
+                f"grouping=loss; grouping={self.grouping} scores none: leave it unset"
+            )
+        if self.grouping != "gradients" and self.gradient_pairs != 64:
+            raise ValueError(
+                f"federated.fedbiscuit.gradient_pairs={self.gradient_pairs} applies to grouping=gradients; "
+                f"grouping={self.grouping} takes no gradient step: leave it unset"
+            )
+        return self
+
 
 class CentralDPConfig(_Section):
     """Server-side fixed clipping + Gaussian noise on each selector's average (federated/privacy.py)."""
