@@ -37,6 +37,7 @@ for arm in "${arms[@]}"; do
       if [ ! -d $out/hbh_fedbiscuit ]; then   # the issue-18 recipe on the two groups of raters, K=2
         .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
           federated.rounds=31 federated.clients_per_round=2 federated.eval_every=31 federated.checkpoint_every=10 \
+          federated.fedbiscuit.num_selectors=2 federated.fedbiscuit.grouping=loss \
           federated.fedbiscuit.warmup_rounds=5 federated.fedbiscuit.regroup_every=5 train.warmup_steps=20 \
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi

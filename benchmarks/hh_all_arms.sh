@@ -13,7 +13,8 @@
 #               (federated.fedbiscuit.grouping=updates: each grouping trains every client once on the selectors'
 #               mean and clusters the changes) instead of held-out losses
 #   fedbiscuit_grad, fedbiscuit_k4_grad  the same grouping by gradient directions (grouping=gradients: one plain
-#               gradient step over 64 training pairs per client)
+#               gradient step over 64 training pairs per client); fedbiscuit_k4_grad is configs/hh_fedbiscuit.yaml as it is
+#               (session 10: its defaults), the others override it
 #   oracle      the same rounds and steps, a selector per HH subset trained by that subset's clients from round 0:
 #               FedBiscuit's clusters as they would be if every grouping found the subsets
 #   local       the same rounds and steps, every client its own selector (a client trains when sampled)

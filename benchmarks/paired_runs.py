@@ -21,8 +21,12 @@ differences. That interval is conditional on the seeds run (it does not sample s
 each seed's runs are scored once, as they finish:
 
     python benchmarks/paired_runs.py --compare untrained runs/a_s0 --json s0.json
-    python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1 The JSON keeps every run's per-pair outcomes, so other paired statistics need no
-rescoring.
+    python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1
+
+The JSON keeps every run's per-pair outcomes, so other paired statistics need no rescoring. And each run's
+per-pair outcomes are kept in ``$FEDBISCUIT_CACHE/paired`` (default ``~/.cache/fedbiscuit/paired``), keyed by the
+checkpoint file (path, size, modification time) and the config sections that decide the test pairs, so a run
+compared again in a later invocation is not scored again (``--no-cache``: always score).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -41,12 +46,42 @@ SAME = ("seed", "data", "model", "selector", "eval")  # what a workspace is open
 UNTRAINED = "untrained"
 
 
+def final_checkpoint(run: str) -> Path:
+    """The file a run's final selector(s) are read from: a centralized run's selector.safetensors, else its
+    last round checkpoint."""
+    from fedbiscuit.federated.checkpoint import list_checkpoints
+    from fedbiscuit.pipeline import SELECTOR
+
+    folder = Path(run)
+    single = folder / "checkpoints" / f"{SELECTOR}.safetensors"
+    if single.is_file():
+        return single
+    ckpts = list_checkpoints(folder / "checkpoints")
+    if not ckpts:
+        sys.exit(f"{run}: neither checkpoints/{SELECTOR}.safetensors nor a round checkpoint")
+    return ckpts[-1]
+
+
+def cache_file(run: str, key: str) -> Path:
+    """Where a run's per-pair outcomes are kept: named by what decides them (the checkpoint file as it is now,
+    and the config sections that decide the test pairs and how they are read), so a rewritten checkpoint or a
+    changed config is scored again."""
+    ident: list = [key]
+    if run != UNTRAINED:
+        ckpt = final_checkpoint(run).resolve()
+        stat = ckpt.stat()
+        ident += [str(ckpt), stat.st_size, stat.st_mtime_ns]
+    root = Path(os.environ.get("FEDBISCUIT_CACHE") or Path.home() / ".cache" / "fedbiscuit")
+    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+    return root / "paired" / f"{digest}.json"
+
+
 def final_selectors(run: str, untrained: dict):
     """(where from, {name: adapter state}, clusters, logged agreement) of a run's final selector(s).
 
     ``run``: a federated run folder (its last round checkpoint), a centralized one (checkpoints/selector.
     safetensors), or "untrained": the fresh adapter the workspace starts with (LoRA B = 0, the base model)."""
-    from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
+    from fedbiscuit.federated.checkpoint import load_checkpoint
     from fedbiscuit.models.adapters import read_adapter
     from fedbiscuit.pipeline import SELECTOR
 
@@ -55,14 +90,11 @@ def final_selectors(run: str, untrained: dict):
     folder = Path(run)
     records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("event") == "eval"]
-    single = folder / "checkpoints" / f"{SELECTOR}.safetensors"
-    if single.is_file():  # a centralized run: its "after" evaluation
+    ckpt = final_checkpoint(run)
+    if ckpt.name == f"{SELECTOR}.safetensors":  # a centralized run: its "after" evaluation
         logged = [r["overall"]["agreement"] for r in evals if r.get("stage") == "after"]
-        return single, {"selector": read_adapter(single)[0]}, {}, logged[-1] if logged else None
-    ckpts = list_checkpoints(folder / "checkpoints")
-    if not ckpts:
-        sys.exit(f"{run}: neither checkpoints/{SELECTOR}.safetensors nor a round checkpoint")
-    state = load_checkpoint(ckpts[-1])
+        return ckpt, {"selector": read_adapter(ckpt)[0]}, {}, logged[-1] if logged else None
+    state = load_checkpoint(ckpt)
     clusters = state.clusters
     if not clusters and _algorithm(folder) == "local":  # the local baseline: every client its own selector
         clusters = {c: c for c in state.selectors}
@@ -71,7 +103,7 @@ def final_selectors(run: str, untrained: dict):
         for r in evals
         if r.get("round") == state.round
     ]
-    return ckpts[-1], state.selectors, clusters, logged[-1] if logged else None
+    return ckpt, state.selectors, clusters, logged[-1] if logged else None
 
 
 def _algorithm(folder: Path) -> str | None:
@@ -181,6 +213,7 @@ def fmt(c: dict) -> str:
     lo, hi = c["ci95"]
     test = f", McNemar p={c['mcnemar_p']:.2g}" if "mcnemar_p" in c else ""
     test += f", sign test p={c['sign_p']:.2g}" if "sign_p" in c else ""
+    test += f", permutation p={c['permutation_p']:.2g}" if "permutation_p" in c else ""
     return (
         f"{100 * c['before']:.1f}% {_ci(c['before_ci95'])} -> {100 * c['after']:.1f}% {_ci(c['after_ci95'])}: "
         f"{100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{test} (n={c['n']})"
@@ -198,6 +231,7 @@ def main() -> None:
         help="comparisons an earlier run of this script wrote (--json): pooled with these, not scored again",
     )
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--no-cache", action="store_true", help="score every run again, even one scored before")
     args = p.parse_args()
     if not args.compare and not args.reuse:
         p.error("give at least one --compare or --reuse")
@@ -226,17 +260,33 @@ def main() -> None:
                 run = runs[i] = f"{UNTRAINED}@{key}"
             if run in outcomes:
                 continue
-            if key not in workspace:
-                workspace.clear()  # one model in memory at a time
-                ws = open_workspace(cfg, quiet=False)
-                workspace[key] = (ws, adapter_state(ws.model, SELECTOR))  # the fresh adapter, before any load
-            ws, untrained = workspace[key]
-            outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
+            cached = cache_file(run.split("@")[0], key)
+            if cached.is_file() and not args.no_cache:
+                hit = json.loads(cached.read_text())
+                outcomes[run] = (
+                    hit["checkpoint"],
+                    hit["logged"],
+                    {k: tuple(v) for k, v in hit["outcomes"].items()},
+                )
+                source = f"from {cached}"
+            else:
+                if key not in workspace:
+                    workspace.clear()  # one model in memory at a time
+                    ws = open_workspace(cfg, quiet=False)
+                    workspace[key] = (
+                        ws,
+                        adapter_state(ws.model, SELECTOR),
+                    )  # the fresh adapter, before any load
+                ws, untrained = workspace[key]
+                outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
+                ckpt, logged, got = outcomes[run]
+                write_json(str(cached), {"checkpoint": str(ckpt), "logged": logged, "outcomes": got})
+                source = "scored"
             ckpt, logged, got = outcomes[run]
             agreement = sum(v for v, _ in got.values()) / len(got)
             print(
                 f"{run.split('@')[0]}: {Path(str(ckpt)).name}, agreement {100 * agreement:.2f}% on {len(got)} pairs"
-                f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'})"
+                f" (logged {'-' if logged is None else f'{100 * logged:.2f}%'}; {source})"
             )
         a, b, subsets = aligned(outcomes[runs[0]][2], outcomes[runs[1]][2], (base, other))
         scored = [
@@ -267,6 +317,9 @@ def main() -> None:
     for path in args.reuse:
         for comp in json.loads(Path(path).read_text())["comparisons"]:
             base, other = comp["baseline"], comp["other"]
+            if (base, other) in named:  # a JSON written with --reuse holds the reused comparisons too
+                print(f"{other} against {base}: in {path} again, counted once")
+                continue
             o = comp["outcomes"]
             results.append(comp)
             diffs.append((torch.tensor(o[base]), torch.tensor(o[other])))

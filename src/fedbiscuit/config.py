@@ -360,7 +360,8 @@ class FedBiscuitConfig(_Section):
     # (the paper's rule). updates: every client trains the selectors' mean for one round's local steps and
     # sends the adapter back; clients are clustered by the direction of their change (balanced spherical
     # k-means, as clustered federated learning does: Sattler et al. 2020), and each cluster takes the selector
-    # that has moved most toward it. Costs a round of training on every client per grouping, no scoring.
+    # that has moved most toward it (from the second grouping: the one most of its members had). Costs a round
+    # of training on every client per grouping, no scoring.
     # gradients: as updates, but each client sends one plain gradient step (the mean gradient of its choice
     # loss over its first `gradient_pairs` training pairs) instead of a round of AdamW, whose first steps move
     # every coordinate by about lr whatever its gradient (BENCHMARKS.md: the 4 harmless-base clients form one

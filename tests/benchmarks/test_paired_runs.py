@@ -2,8 +2,10 @@
 ones "no"): one FedBis selector cannot serve both groups, FedBiscuit's two clusters can."""
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,12 @@ def runs(tmp_path_factory):
     return {(a, s): _run(folder, a, s) for a in ("fedbis", "fedbiscuit") for s in (0, 1)}
 
 
-def _script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+def _script(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """The script in a fresh process; its outcome cache in ``cache``, by default a fresh folder (nothing cached)."""
+    env = {**os.environ, "FEDBISCUIT_CACHE": str(cache or tempfile.mkdtemp())}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
@@ -87,6 +93,12 @@ def test_paired_comparison_of_two_runs_and_their_pool(runs, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "agreement" not in done.stdout  # no run was scored
     assert json.loads(again.read_text())["pooled"]["overall"] == pooled
+    # a JSON written with --reuse holds the comparisons it reused: reusing both counts each seed once
+    done = _script("--reuse", str(out), "--reuse", str(again), "--json", str(again))
+    assert done.returncode == 0, done.stderr[-2000:]
+    twice = json.loads(again.read_text())
+    assert len(twice["comparisons"]) == 2 and twice["pools"][0]["seeds"] == 2
+    assert twice["pooled"]["overall"] == pooled
 
 
 def test_each_pair_of_arms_pools_over_its_own_seeds(runs, tmp_path):
@@ -162,3 +174,28 @@ def test_the_local_baseline_is_judged_by_each_clients_own_selector(runs, tmp_pat
     assert own["agreement"] == pytest.approx(own["logged"], abs=1e-6)
     assert comp["comparison"]["overall"]["n"] == 8 * 12
     assert comp["comparison"]["overall"]["difference"] > 0.2
+
+
+def test_a_run_scored_once_is_read_from_the_cache_until_its_checkpoint_changes(runs, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 0])]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    done = _script(*args, "--json", str(first), cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("; scored)") == 2
+    assert len(list((cache / "paired").glob("*.json"))) == 2
+    done = _script(*args, "--json", str(second), cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("; scored)") == 0 and done.stdout.count("; from ") == 2
+    a, b = (json.loads(f.read_text())["comparisons"][0] for f in (first, second))
+    assert a["outcomes"] == b["outcomes"] and a["comparison"] == b["comparison"]
+
+    # a checkpoint written again (here: the same bytes, a new modification time) is scored again
+    ckpt = sorted((runs["fedbiscuit", 0] / "checkpoints").iterdir())[-1]
+    stat = ckpt.stat()
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    done = _script(*args, cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("; scored)") == 1 and done.stdout.count("; from ") == 1
+    done = _script(*args, "--no-cache", cache=cache)
+    assert done.stdout.count("; scored)") == 2

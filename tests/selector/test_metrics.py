@@ -131,3 +131,27 @@ def test_paired_comparison_counts_half_credit_changes_in_the_direction_of_the_me
     assert out["difference"] < 0
     assert out["mcnemar_p"] == pytest.approx(binomtest(6, 26, 0.5).pvalue)
     assert out["mcnemar_p"] < 0.05
+
+
+def test_the_permutation_test_reads_the_size_of_per_pair_differences_the_sign_test_ignores():
+    """Per-pair means over seeds: 60 pairs up by a whole point, 100 down by a quarter. The mean moved up
+    (60 - 25 = 35 of 400 pairs' worth); the sign test sees 60 against 100 and points down, the randomization
+    test of the mean finds the gain."""
+    from fedbiscuit.selector.metrics import paired_comparison
+
+    before = torch.tensor([0.0] * 60 + [0.5] * 100 + [0.5] * 240)
+    after = torch.tensor([1.0] * 60 + [0.25] * 100 + [0.5] * 240)
+    out = paired_comparison(before, after)
+    assert out["difference"] == pytest.approx((60 - 25) / 400)
+    assert (out["gained"], out["lost"]) == (60, 100) and out["mcnemar_p"] < 0.01  # "worse", by counting
+    assert out["permutation_p"] < 0.01 and out["ci95"][0] > 0
+
+    # one outcome per pair: the randomization test agrees with McNemar's
+    before = torch.tensor([1.0] * 50 + [0.0] * 50)
+    after = torch.tensor([1.0] * 40 + [0.0] * 10 + [1.0] * 35 + [0.0] * 15)
+    out = paired_comparison(before, after)
+    assert out["mcnemar_p"] < 0.001 and out["permutation_p"] < 0.001
+    # no difference: every draw is as far from zero as the observed mean
+    assert paired_comparison(before, before)["permutation_p"] == 1.0
+    null = paired_comparison(torch.tensor([1.0, 0.0] * 50), torch.tensor([0.0, 1.0] * 50))
+    assert null["permutation_p"] > 0.5  # 50 gained, 50 lost: the mean did not move

@@ -147,7 +147,7 @@ class SelectorClient:
                 logits, target = self.encoder.logits(model, batch, True, self.choice_ids, device)
                 loss = choice_loss(logits.float(), target.float()) * (len(batch) / len(pairs))
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             # peft names a parameter ...lora_A.<adapter>.weight and its state-dict entry ...lora_A.weight
             grads = {n.replace(f".{WORK_ADAPTER}.", "."): w.grad for n, w in params.items()}
             stepped = {}

@@ -161,7 +161,13 @@ def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, 
     sure of "A" in both orders, averages to exactly 0.5, so these are common). A pair "gained" when its outcome
     went up (0 -> 1, 0 -> 0.5, 0.5 -> 1) and "lost" when it went down: McNemar's test is the sign test of the
     per-pair differences, and this is that sign test with half-credit outcomes. (Counting only exact 1s, as
-    this did before, leaves out 0 <-> 0.5 changes and can point the other way from the mean difference.)"""
+    this did before, leaves out 0 <-> 0.5 changes and can point the other way from the mean difference.)
+
+    ``permutation_p`` is the paired randomization test of the mean difference (each pair's difference keeps or
+    flips its sign at random; the share of draws whose mean is at least as far from zero, the observed one
+    counted). For one outcome per pair it agrees closely with McNemar's; for per-pair means over several seeds
+    (differences in steps of 1/seeds) it is the test to read: the sign test there counts a pair whose mean
+    moved by 0.25 as much as one that moved by 1, and so can miss a difference the bootstrap interval shows."""
     from scipy.stats import binomtest
 
     if before.shape != after.shape or before.numel() == 0:
@@ -173,6 +179,14 @@ def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, 
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
     gained, lost = int((diff > 0).sum()), int((diff < 0).sum())
     p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    observed = float(diff.mean().abs())
+    extreme = 0
+    for start in range(0, draws, 1000):  # in blocks: a draw is a row of n signs
+        signs = torch.randint(0, 2, (min(1000, draws - start), diff.numel()), generator=gen) * 2 - 1
+        flipped = (signs.to(diff.dtype) * diff).mean(1).abs()
+        # a tolerance, so draws equal to the observed mean up to rounding count as "at least as far"
+        extreme += int((flipped >= observed - 1e-6 * max(1.0, observed)).sum())
+    perm_p = (extreme + 1) / (draws + 1)
     return {
         "n": int(diff.numel()),
         "before": float(before.mean()),
@@ -182,4 +196,5 @@ def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, 
         "gained": gained,
         "lost": lost,
         "mcnemar_p": float(p),
+        "permutation_p": float(perm_p),
     }
