@@ -24,7 +24,8 @@ each seed's runs are scored once, as they finish:
     python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1
 
 The JSON keeps every run's per-pair outcomes, so other paired statistics need no rescoring. And each run's
-per-pair outcomes are kept in ``$FEDBISCUIT_CACHE/paired`` (default ``~/.cache/fedbiscuit/paired``), keyed by the
+per-pair outcomes are kept in ``paired/`` under the model cache (``model.cache_dir``, else ``$FEDBISCUIT_CACHE``, else
+``~/.cache/fedbiscuit``), keyed by the
 checkpoint file (path, size, modification time) and the config sections that decide the test pairs, so a run
 compared again in a later invocation is not scored again (``--no-cache``: always score).
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from collections import Counter
@@ -62,7 +62,7 @@ def final_checkpoint(run: str) -> Path:
     return ckpts[-1]
 
 
-def cache_file(run: str, key: str) -> Path:
+def cache_file(run: str, key: str, root: Path) -> Path:
     """Where a run's per-pair outcomes are kept: named by what decides them (the checkpoint file as it is now,
     and the config sections that decide the test pairs and how they are read), so a rewritten checkpoint or a
     changed config is scored again."""
@@ -71,7 +71,6 @@ def cache_file(run: str, key: str) -> Path:
         ckpt = final_checkpoint(run).resolve()
         stat = ckpt.stat()
         ident += [str(ckpt), stat.st_size, stat.st_mtime_ns]
-    root = Path(os.environ.get("FEDBISCUIT_CACHE") or Path.home() / ".cache" / "fedbiscuit")
     digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
     return root / "paired" / f"{digest}.json"
 
@@ -240,6 +239,7 @@ def main() -> None:
 
     from fedbiscuit.config import load_config
     from fedbiscuit.models.adapters import adapter_state
+    from fedbiscuit.models.loading import cache_root
     from fedbiscuit.pipeline import SELECTOR, open_workspace
 
     results, diffs = [], []
@@ -260,7 +260,7 @@ def main() -> None:
                 run = runs[i] = f"{UNTRAINED}@{key}"
             if run in outcomes:
                 continue
-            cached = cache_file(run.split("@")[0], key)
+            cached = cache_file(run.split("@")[0], key, cache_root(cfg.model))
             if cached.is_file() and not args.no_cache:
                 hit = json.loads(cached.read_text())
                 outcomes[run] = (
@@ -273,13 +273,10 @@ def main() -> None:
                 if key not in workspace:
                     workspace.clear()  # one model in memory at a time
                     ws = open_workspace(cfg, quiet=False)
-                    workspace[key] = (
-                        ws,
-                        adapter_state(ws.model, SELECTOR),
-                    )  # the fresh adapter, before any load
+                    # the fresh adapter, before any load
+                    workspace[key] = (ws, adapter_state(ws.model, SELECTOR))
                 ws, untrained = workspace[key]
-                outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
-                ckpt, logged, got = outcomes[run]
+                ckpt, logged, got = outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
                 write_json(str(cached), {"checkpoint": str(ckpt), "logged": logged, "outcomes": got})
                 source = "scored"
             ckpt, logged, got = outcomes[run]
