@@ -14,7 +14,9 @@
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
 # Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
-# Sizes: PROMPTS=256 EVAL=320 by default (environment).
+# Sizes: PROMPTS=256 EVAL=320 by default (environment). CURVE=N: the selector arms also draw the over-optimization
+# curve, the policy kept every N DPO steps and judged by the gold judge and by its labelling selectors
+# (rlhf.curve_every; each point one more generation over the EVAL prompts).
 set -u
 cd "$(dirname "$0")/.."
 export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data}
@@ -27,12 +29,13 @@ gold=runs/issue16/gold_helpful_other/checkpoints/selector.safetensors
 common=("data.subsets=[helpful-base]" data.max_eval_pairs_per_client=null rlhf.num_prompts=${PROMPTS:-256}
         rlhf.eval_prompts=${EVAL:-320} rlhf.best_of_n=0 rlhf.judge.kind=selector rlhf.judge.checkpoint=$gold
         seed=$seed output_dir=$out --quiet --overwrite)
+curve=(rlhf.curve_every=${CURVE:-0})
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_rlhf_dpo.yaml "$@" \
           name=$name "${common[@]}" > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
 for arm in "${arms[@]}"; do
   case $arm in
-    central) run dpo_central_s$seed rlhf.selectors_from=runs/issue18/hb_central ;;
-    fedbis) run dpo_fedbis_s$seed rlhf.selectors_from=runs/issue18/hb_a7_seq ;;
+    central) run dpo_central_s$seed rlhf.selectors_from=runs/issue18/hb_central "${curve[@]}" ;;
+    fedbis) run dpo_fedbis_s$seed rlhf.selectors_from=runs/issue18/hb_a7_seq "${curve[@]}" ;;
     fedbiscuit)
       if [ ! -d $out/hbh_fedbiscuit ]; then   # the issue-18 recipe on the two groups of raters, K=2
         .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
@@ -41,7 +44,7 @@ for arm in "${arms[@]}"; do
           federated.fedbiscuit.warmup_rounds=5 federated.fedbiscuit.regroup_every=5 train.warmup_steps=20 \
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi
-      run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit ;;
+      run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
     feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null ;;
     *) echo "unknown arm $arm (central fedbis fedbiscuit feddpo fedsft)"; exit 2 ;;
   esac

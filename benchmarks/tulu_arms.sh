@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/tulu_arms.sh [SEED [ARM ...]]   (no ARM: central fedbis fedbiscuit local)
+# usage: bash benchmarks/tulu_arms.sh [SEED [ARM ...]]   (no ARM: central fedbis fedbiscuit fedbiscuit_grad local)
 # The 16 Tulu annotators (one client per person, ties dropped: 442 train pairs, 7 to 70 per person), the HH
 # recipe of benchmarks/hh_all_arms.sh scaled to them: the same pairs shown for every arm (~1,540 = 3.5 epochs, as
 # configs/tulu_*.yaml), the same sequential steps (192), lr 1e-3, warm-up 20 steps and cosine. Each writes
@@ -7,14 +7,16 @@
 #   central     one selector on everybody's pairs: 192 steps x 8 pairs
 #   fedbis      4 people a round x 16 local steps x 2 pairs (8 pairs per parallel step), 12 rounds, FedAvg
 #   fedbiscuit  the same rounds and steps, K=2: warm-up 2 rounds per selector, groupings at rounds 4 and 8 on
-#               each person's whole held-out slice
+#               each person's whole held-out slice (the paper's loss grouping)
+#   fedbiscuit_grad  the same, grouping by gradient directions (grouping=gradients, as configs/hh_fedbiscuit.yaml:
+#               each person's plain gradient over up to 64 of their training pairs on the selectors' mean)
 #   local       the same rounds and steps, every person their own selector (trained when sampled)
 set -u
 cd "$(dirname "$0")/.."
 export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data}
 seed=${1:-0}
 shift || true
-arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(central fedbis fedbiscuit local)
+arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(central fedbis fedbiscuit fedbiscuit_grad local)
 out=runs/issue18; mkdir -p $out
 root=data.root=$FEDBISCUIT_DATA_DIR/tulu-human-eval
 common=(train.lr=1e-3 train.schedule=cosine train.warmup_steps=20 eval.before_training=true)
@@ -29,7 +31,9 @@ for arm in "${arms[@]}"; do
     fedbis) run tulu_fedbis_s$seed configs/tulu_fedbis.yaml "${seq[@]}" ;;
     fedbiscuit) run tulu_fedbiscuit_s$seed configs/tulu_fedbiscuit.yaml "${seq[@]}" \
                   federated.fedbiscuit.grouping_pairs=null ;;
+    fedbiscuit_grad) run tulu_fedbiscuit_grad_s$seed configs/tulu_fedbiscuit.yaml "${seq[@]}" \
+                  federated.fedbiscuit.grouping_pairs=null federated.fedbiscuit.grouping=gradients ;;
     local) run tulu_local_s$seed configs/tulu_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit local)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_grad local)"; exit 2 ;;
   esac
 done

@@ -278,6 +278,14 @@ def _rlhf_summary(results: dict) -> None:
                 f"n={c['n']} {100 * c['judge']:.0f}% / {100 * c['selectors']:.0f}%" for c in b["curve"]
             )
         )
+    if "curve" in results:
+        console.print(
+            "along DPO (step: log-ratio, judge / selectors): "
+            + "; ".join(
+                f"{c['step']}: {c['log_ratio']:.2f} nats, {100 * c['judge']:.0f}% / {100 * c['selectors']:.0f}%"
+                for c in results["curve"]
+            )
+        )
     secs = results["seconds"]
     console.print(
         "How to read this: a win rate is judged in both orders (a prompt is a tie when the judge changes its "

@@ -564,6 +564,13 @@ class RLHFConfig(_Section):
     # 0 turns the reward-hacking probe off; else a power of 2: one knockout bracket gives n = 1, 2, 4, ... n
     best_of_n: int = Field(default=4, ge=0)
     best_of_n_prompts: int = Field(default=8, ge=1)
+    # The over-optimization curve (Gao et al. 2022) along DPO: every this many optimizer steps the policy adapter
+    # is kept; after training each kept policy (and the initial and the final one) answers the evaluation
+    # prompts and is judged against the reference by the judge (gold) and by the labelling selectors' vote
+    # (proxy), beside how far it moved (its answers' log-ratio to the reference policy). The proxy rising
+    # while the judge turns down is reward hacking. 0: off. Each point costs one generation over the
+    # evaluation prompts and two judgings of them.
+    curve_every: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _best_of_n_bracket(self) -> RLHFConfig:
@@ -572,6 +579,15 @@ class RLHFConfig(_Section):
             raise ValueError(
                 f"rlhf.best_of_n={n} must be 0 (off) or a power of 2 (one knockout bracket gives the best-of-1, "
                 f"2, 4, ... curve): try {1 << (n.bit_length() - 1)} or {1 << n.bit_length()}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _curve(self) -> RLHFConfig:
+        if self.curve_every and self.method != "selectors":
+            raise ValueError(
+                f"rlhf.curve_every={self.curve_every} needs rlhf.method=selectors: the curve's proxy is the "
+                f"labelling selectors, and rlhf.method={self.method} has none (set rlhf.curve_every=0)"
             )
         return self
 

@@ -156,6 +156,7 @@ def summarize(run_dir: Path) -> dict:
         "dpo": [r for r in records if r["event"] == "dpo"],
         "winrate": [r for r in records if r["event"] == "winrate"],
         "best_of_n": next((r for r in records if r["event"] == "best_of_n"), None),
+        "dpo_curve": [r for r in records if r["event"] == "curve"],
         "populations": populations(final_eval, newest["unseen"], newest["personalized"]),
     }
 
@@ -267,6 +268,45 @@ def _best_of_n_plot(runs: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _curve_plot(runs: list[dict], path: Path) -> None:
+    """The over-optimization curve along DPO: the tuned policy's win rate against the reference by the judge
+    (solid, 95% band) and by the labelling selectors (dashed), against how far the policy moved (its answers'
+    log-ratio to the reference policy), each point marked with its DPO step. The selectors' curve rising while
+    the judge's turns down is reward hacking (Gao et al. 2022)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        c = run["dpo_curve"]
+        x = [r["log_ratio"] for r in c]
+        line = ax.plot(
+            x, [100 * r["gold"]["win_rate"] for r in c], marker="o", label=f"{run['name']}: judge"
+        )[0]
+        ax.fill_between(
+            x,
+            [100 * r["gold"]["ci95"][0] for r in c],
+            [100 * r["gold"]["ci95"][1] for r in c],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+        ax.plot(
+            x,
+            [100 * r["proxy"]["win_rate"] for r in c],
+            ls="--",
+            marker="x",
+            color=line.get_color(),
+            label=f"{run['name']}: selectors",
+        )
+        for r in c:
+            ax.annotate(f"step {r['step']}", (r["log_ratio"], 100 * r["gold"]["win_rate"]), fontsize=7)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set(
+        xlabel="policy's answers: log pi / pi_ref (nats)",
+        ylabel="win rate vs reference (%)",
+        title="along DPO: the judge (band: 95% CI) and the selectors",
+    )
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     """DPO loss and reward margin against step; win rate (with its 95% interval) and answer length against
     checkpoint. Returns the report's Markdown lines for phase 2 (none if no run has one)."""
@@ -305,6 +345,9 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
     curves = [r for r in tuned if r["best_of_n"] and r["best_of_n"].get("curve")]
     if curves:
         _best_of_n_plot(curves, out_dir / "best_of_n.png")
+    along = [r for r in tuned if r["dpo_curve"]]
+    if along:
+        _curve_plot(along, out_dir / "overoptimization.png")
 
     lines = [
         "",
@@ -330,6 +373,22 @@ def _phase2(runs: list[dict], out_dir: Path) -> list[str]:
             )
     if curves:
         lines.append("\n![best of n](best_of_n.png)")
+    for run in along:
+        lines += [
+            "",
+            f"{run['name']}, along DPO (rlhf.curve_every): the judge's and the labelling selectors' win rates",
+            "",
+            "| DPO step | log pi / pi_ref (nats) | judge | 95% CI | length-controlled | selectors | answer tokens |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in run["dpo_curve"]:
+            g, lc = r["gold"], r["gold"].get("length_controlled")
+            lines.append(
+                f"| {r['step']} | {r['log_ratio']:.2f} | {_pct(g['win_rate'])} | {_pct(g['ci95'][0])} to "
+                f"{_pct(g['ci95'][1])} | {_pct(lc['win_rate']) if lc else '-'} | {_pct(r['proxy']['win_rate'])} | "
+                f"{r['mean_new_tokens']:.1f} |"
+            )
+        lines.append("\n![over-optimization](overoptimization.png)")
     lines += [
         "",
         "A prompt is a win when the judge prefers the policy's answer in both presentation orders, a loss when it "

@@ -96,6 +96,33 @@ def test_iterative_mode_regenerates_from_the_current_policy(tmp_path):
     assert "best_of_n" not in out
 
 
+def test_the_curve_along_dpo_judges_the_kept_policies_by_judge_and_selectors(tmp_path):
+    cfg = config_from_dict(rlhf_config(tmp_path, best_of_n=0, curve_every=2), "test")
+    out = run(cfg, quiet=True)
+    total = out["dpo"]["steps"]
+    assert total >= 3  # the planted run labels enough pairs for several points
+    curve = out["curve"]
+    # step 0 (the initial policy), every second step, and the final policy once
+    assert [c["step"] for c in curve] == [0, *range(2, total + 1, 2)] + ([total] if total % 2 else [])
+    # the ends are the win rates' initial and tuned policies, their judge verdicts reused
+    assert curve[0]["judge"] == out["initial"]["win_rate"] and curve[0]["log_ratio"] == 0.0
+    assert curve[-1]["judge"] == out["final"]["win_rate"]
+    assert any(abs(c["log_ratio"]) > 1e-6 for c in curve[1:])  # the kept policies moved
+    assert all(0 <= c["judge"] <= 1 and 0 <= c["selectors"] <= 1 for c in curve)
+    gens = {g["desc"]: g for g in events(out, "generation")}
+    # the last point's answers are the tuned policy's (same weights, same seed: from the cache); the kept
+    # policies in between are other weights, sampled anew
+    assert gens[f"answers (DPO step {curve[-1]['step']})"]["from_cache"]
+    assert not gens["answers (DPO step 2)"]["from_cache"]
+    logged = events(out, "curve")
+    assert [r["step"] for r in logged] == [c["step"] for c in curve]
+    assert all(
+        len(r["gold"]["scores"]) == len(r["proxy"]["scores"]) == 4 for r in logged
+    )  # per prompt, paired
+    assert (Path(out["run_dir"]) / "overoptimization.png").stat().st_size > 5_000
+    assert "over-optimization" in (Path(out["run_dir"]) / "report.md").read_text()
+
+
 def test_selectors_from_a_finished_federated_run(tmp_path):
     raw = rlhf_config(tmp_path, name="fed", algorithm="fedbis")
     raw["pipeline"] = "federated"
@@ -163,6 +190,8 @@ def test_phase2_config_errors_name_the_key(tmp_path):
     raw = rlhf_config(tmp_path, iterations=3)
     with pytest.raises(ConfigError, match="rlhf.iterations"):
         config_from_dict(raw, "test")
+    with pytest.raises(ConfigError, match="rlhf.curve_every=4 needs rlhf.method=selectors"):
+        config_from_dict(rlhf_config(tmp_path, method="fedsft", curve_every=4, judge={"kind": "hf"}), "test")
     raw = rlhf_config(tmp_path, dpo={"beta": 0})
     with pytest.raises(ConfigError, match="beta"):
         config_from_dict(raw, "test")

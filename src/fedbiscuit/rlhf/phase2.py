@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -32,9 +33,17 @@ from ..pipeline import SELECTOR, Workspace, open_workspace, train_federated
 from ..runs import RunDir
 from ..selector import build_encoder
 from .baselines import POLICY, PolicyClient
-from .dpo import DPOResult, dpo_steps, encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
+from .dpo import (
+    DPOResult,
+    dpo_steps,
+    encode_preferences,
+    make_dpo_optimizer,
+    reference_logps,
+    response_logps,
+    train_dpo,
+)
 from .evaluation import best_of_n_curve, win_rate
-from .generation import sample, stop_token_ids
+from .generation import encode_prompts, sample, stop_token_ids
 from .judges import OpenAIJudge, SelectorJudge, VoteJudge
 from .labelling import label_candidates
 
@@ -257,6 +266,7 @@ class Phase2:
         summary["judge"] = judge_note
         curve = [self._win_rate(judge, eval_prompts, reference, None, -1, "initial policy")]
 
+        kept: list[tuple[int, dict]] = []  # (DPO step, policy adapter) every rlhf.curve_every steps
         if rl.method == "selectors":
             optimizer = make_dpo_optimizer(ws.model, POLICY, rl.dpo)  # one optimizer across iterations
             step0 = 0
@@ -291,7 +301,7 @@ class Phase2:
                     raise ValueError(
                         "the selectors decided no candidate pair: nothing to train the policy on"
                     )
-                result = self._dpo(labels.pairs, optimizer, it, step0)
+                result = self._dpo(labels.pairs, optimizer, it, step0, kept)
                 step0 += result.steps
                 self._save_policy(f"policy-iter{it}")
                 if rl.mode == "iterative" and it < rl.iterations - 1:
@@ -314,13 +324,18 @@ class Phase2:
         summary["reference_mean_new_tokens"] = ref_len
         if rl.best_of_n and selectors:
             summary["best_of_n"] = self._best_of_n(judge, selectors, eval_prompts, reference)
+        if rl.curve_every:  # the config allows it only with selectors
+            points = [(0, None), *kept]
+            if points[-1][0] != step0:
+                points.append((step0, adapter_state(ws.model, POLICY)))
+            summary["curve"] = self._curve(judge, selectors, eval_prompts, reference, points, curve)
         summary["policy_checkpoint"] = str(path)
         summary["seconds"] = dict(self.timings, total=time.perf_counter() - start)
         self.rundir.log({"event": "phase2_done", **{k: v for k, v in summary.items() if k != "phase1"}})
         return summary
 
     # -------------------------------------------------------------------------------- pieces
-    def _dpo(self, pairs, optimizer, iteration: int, step0: int):
+    def _dpo(self, pairs, optimizer, iteration: int, step0: int, kept: list):
         ws, rl = self.ws, self.rl
         t = time.perf_counter()
         prefs = encode_preferences(
@@ -330,6 +345,13 @@ class Phase2:
         self._timed("reference", t)
         t = time.perf_counter()
         bar = tqdm(total=dpo_steps(rl.dpo, len(prefs)), desc="DPO", unit="step", disable=ws.quiet)
+
+        def step_done(step: int, total: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+            if rl.curve_every and (step0 + step) % rl.curve_every == 0:  # a CPU copy: a few MB
+                kept.append((step0 + step, adapter_state(ws.model, POLICY)))
+
         result = train_dpo(
             ws.model,
             POLICY,
@@ -339,7 +361,7 @@ class Phase2:
             self.pad_id,
             seed=self.cfg.seed + iteration,
             optimizer=optimizer,
-            progress=lambda s, total, loss: (bar.set_postfix(loss=f"{loss:.4f}"), bar.update(1)),
+            progress=step_done,
             on_log=lambda h: self.rundir.log(
                 {"event": "dpo", "iteration": iteration, **h, "step": step0 + h["step"]}
             ),
@@ -451,3 +473,86 @@ class Phase2:
         self._timed("best_of_n", t)
         self.rundir.log({"event": "best_of_n", **report})
         return report
+
+    def _curve(self, judge, selectors, prompts, reference, points, winrates) -> list[dict]:
+        """The over-optimization curve: each kept policy (step 0: the initial one) answers the evaluation
+        prompts, with the seed of the final evaluation, so the points differ by the policy alone; the judge and
+        the selectors' vote (the proxy: they labelled the training pairs) compare the answers with the
+        reference. x: the answers' mean log-ratio to the reference policy. The first and the last point's
+        answers are the initial and the tuned policy's of the win rates (``winrates``), whose judge verdicts
+        are reused. The live policy is the final one again afterwards."""
+        ws, rl = self.ws, self.rl
+        proxy = VoteJudge(
+            ws.model,
+            ws.encoder,
+            ws.choice_ids,
+            selectors,
+            SELECTOR,
+            rl.swap_average,
+            self.cfg.eval.batch_size,
+        )
+        final = adapter_state(ws.model, POLICY)
+        lengths_ref = self.reference_tokens[: len(prompts)]
+        rows = []
+        try:
+            for k, (step, state) in enumerate(points):
+                if state is None:  # the initial policy: the base, adapters off, as in its win rate
+                    adapter, seed = None, self.cfg.seed + 1000 - 1
+                else:
+                    load_adapter_state(ws.model, POLICY, state)
+                    adapter, seed = POLICY, self.cfg.seed + 1000 + rl.iterations
+                answers = self._sample(prompts, adapter, seed, n=1, desc=f"answers (DPO step {step})")
+                texts = [a[0] for a in answers.texts]
+                lengths = ([n[0] for n in answers.new_tokens], lengths_ref)
+                t = time.perf_counter()
+                if k == 0 or k == len(points) - 1:
+                    gold = winrates[0 if k == 0 else -1]
+                else:
+                    gold = win_rate(judge, prompts, texts, reference, lengths)
+                row = {
+                    "step": step,
+                    "log_ratio": 0.0 if adapter is None else self._log_ratio(prompts, answers),
+                    "gold": gold,
+                    "proxy": win_rate(proxy, prompts, texts, reference, lengths),
+                    "mean_new_tokens": answers.mean_length(),
+                }
+                self._timed("curve", t)
+                self.rundir.log({"event": "curve", **row})
+                rows.append(row)
+        finally:
+            load_adapter_state(ws.model, POLICY, final)
+        return [
+            {
+                "step": r["step"],
+                "log_ratio": r["log_ratio"],
+                "judge": r["gold"]["win_rate"],
+                "judge_ci95": r["gold"]["ci95"],
+                "selectors": r["proxy"]["win_rate"],
+                "selectors_ci95": r["proxy"]["ci95"],
+                "mean_new_tokens": r["mean_new_tokens"],
+            }
+            for r in rows
+        ]
+
+    @torch.no_grad()
+    def _log_ratio(self, prompts, answers) -> float:
+        """Mean over prompts of log pi(y | x) - log pi_ref(y | x) on the policy's own answers y, scored on the
+        ids it sampled: the one-sample estimate of KL(policy || reference) when sampling at temperature 1 without
+        top-p; with the run's sampling settings, a measure in nats of how far the policy moved (the x axis of Gao
+        et al.'s curves)."""
+        ws = self.ws
+        ids = encode_prompts(ws.tokenizer, prompts, self.rl.generation)
+        replies = [t[0] for t in answers.tokens]
+        was_training = ws.model.training
+        ws.model.eval()
+        ws.model.set_adapter(POLICY)
+        total, size = 0.0, self.cfg.eval.batch_size
+        try:
+            for i in range(0, len(prompts), size):
+                policy = response_logps(ws.model, ids[i : i + size], replies[i : i + size], self.pad_id)
+                with ws.model.disable_adapter():
+                    ref = response_logps(ws.model, ids[i : i + size], replies[i : i + size], self.pad_id)
+                total += float((policy.float() - ref.float()).sum())
+        finally:
+            ws.model.train(was_training)
+        return total / len(prompts)
