@@ -232,40 +232,51 @@ def _per_client(runs: list[dict], out_dir: Path) -> list[str]:
     return lines
 
 
-def _best_of_n_plot(runs: list[dict], path: Path) -> None:
-    """The best-of-n curve against KL_bon = log n - (n - 1)/n: the judge's win rate of the selectors' pick
-    (solid, 95% band) and the selectors' own (dashed). The selectors' curve rising while the judge's falls is
-    over-optimization (Gao et al. 2022)."""
+def _curves(series: list[tuple], path: Path, **labels: str) -> None:
+    """Per run (name, x, points, tags): the judge's win rate (solid, its 95% band) and the selectors' (dashed),
+    each point tagged (n, or the DPO step); 50% dashed grey."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        c = run["best_of_n"]["curve"]
-        x = [r["kl_bon"] for r in c]
-        line = ax.plot(x, [100 * r["judge"] for r in c], marker="o", label=f"{run['name']}: judge")[0]
+    for name, x, points, tags in series:
+        judge = [100 * p["judge"] for p in points]
+        line = ax.plot(x, judge, marker="o", label=f"{name}: judge")[0]
         ax.fill_between(
             x,
-            [100 * r["judge_ci95"][0] for r in c],
-            [100 * r["judge_ci95"][1] for r in c],
+            [100 * p["judge_ci95"][0] for p in points],
+            [100 * p["judge_ci95"][1] for p in points],
             color=line.get_color(),
             alpha=0.2,
         )
         ax.plot(
             x,
-            [100 * r["selectors"] for r in c],
+            [100 * p["selectors"] for p in points],
             ls="--",
             marker="x",
             color=line.get_color(),
-            label=f"{run['name']}: selectors",
+            label=f"{name}: selectors",
         )
-        for r in c:
-            ax.annotate(f"n={r['n']}", (r["kl_bon"], 100 * r["judge"]), fontsize=7)
+        for xi, yi, tag in zip(x, judge, tags, strict=True):
+            ax.annotate(tag, (xi, yi), fontsize=7)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.set(
+    ax.set(**labels)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _best_of_n_plot(runs: list[dict], path: Path) -> None:
+    """The best-of-n curve against KL_bon = log n - (n - 1)/n: the judge's win rate of the selectors' pick
+    (solid, 95% band) and the selectors' own (dashed). The selectors' curve rising while the judge's falls is
+    over-optimization (Gao et al. 2022)."""
+    series = []
+    for run in runs:
+        c = run["best_of_n"]["curve"]
+        series.append((run["name"], [r["kl_bon"] for r in c], c, [f"n={r['n']}" for r in c]))
+    _curves(
+        series,
+        path,
         xlabel="KL_bon = log n - (n-1)/n (nats)",
         ylabel="pick's win rate vs reference (%)",
         title="best-of-n: the judge (band: 95% CI) and the selectors",
     )
-    ax.legend(fontsize=7)
-    _save(fig, path)
 
 
 def _curve_plot(runs: list[dict], path: Path) -> None:
@@ -273,38 +284,25 @@ def _curve_plot(runs: list[dict], path: Path) -> None:
     (solid, 95% band) and by the labelling selectors (dashed), against how far the policy moved (its answers'
     log-ratio to the reference policy), each point marked with its DPO step. The selectors' curve rising while
     the judge's turns down is reward hacking (Gao et al. 2022)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = []
     for run in runs:
         c = run["dpo_curve"]
-        x = [r["log_ratio"] for r in c]
-        line = ax.plot(
-            x, [100 * r["gold"]["win_rate"] for r in c], marker="o", label=f"{run['name']}: judge"
-        )[0]
-        ax.fill_between(
-            x,
-            [100 * r["gold"]["ci95"][0] for r in c],
-            [100 * r["gold"]["ci95"][1] for r in c],
-            color=line.get_color(),
-            alpha=0.2,
-        )
-        ax.plot(
-            x,
-            [100 * r["proxy"]["win_rate"] for r in c],
-            ls="--",
-            marker="x",
-            color=line.get_color(),
-            label=f"{run['name']}: selectors",
-        )
-        for r in c:
-            ax.annotate(f"step {r['step']}", (r["log_ratio"], 100 * r["gold"]["win_rate"]), fontsize=7)
-    ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.set(
+        points = [
+            {
+                "judge": r["gold"]["win_rate"],
+                "judge_ci95": r["gold"]["ci95"],
+                "selectors": r["proxy"]["win_rate"],
+            }
+            for r in c
+        ]
+        series.append((run["name"], [r["log_ratio"] for r in c], points, [f"step {r['step']}" for r in c]))
+    _curves(
+        series,
+        path,
         xlabel="policy's answers: log pi / pi_ref (nats)",
         ylabel="win rate vs reference (%)",
         title="along DPO: the judge (band: 95% CI) and the selectors",
     )
-    ax.legend(fontsize=7)
-    _save(fig, path)
 
 
 def _phase2(runs: list[dict], out_dir: Path) -> list[str]:

@@ -195,6 +195,19 @@ def run_rlhf(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrit
         run.close()
 
 
+def _point(row: dict, *keys: str) -> dict:
+    """A curve's point for the summary (best-of-n's or the one along DPO): ``keys``, the judge's and the
+    selectors' win rates with their intervals, and the answers' length; the full reports stay in the log."""
+    return {
+        **{k: row[k] for k in keys},
+        "judge": row["gold"]["win_rate"],
+        "judge_ci95": row["gold"]["ci95"],
+        "selectors": row["proxy"]["win_rate"],
+        "selectors_ci95": row["proxy"]["ci95"],
+        "mean_new_tokens": row["mean_new_tokens"],
+    }
+
+
 class Phase2:
     def __init__(self, ws: Workspace, run: RunDir):
         self.ws, self.rundir, self.cfg, self.rl = ws, run, ws.cfg, ws.cfg.rlhf
@@ -422,25 +435,30 @@ class Phase2:
         self.rundir.log({"event": "winrate", **report})
         return report
 
-    def _best_of_n(self, judge, selectors, prompts, reference) -> dict:
-        """Sample n answers, let the selectors pick by knockout, and judge the picks for n = 1, 2, 4, ... n
-        against the reference, by the judge and by the selectors themselves: a pick the selectors like more
-        and more while the judge does not is the signature of reward hacking (Gao et al. 2022)."""
-        rl, ws = self.rl, self.ws
-        prompts, reference = prompts[: rl.best_of_n_prompts], reference[: rl.best_of_n_prompts]
-        samples = self._sample(
-            prompts, POLICY, self.cfg.seed + 2000, n=rl.best_of_n, desc=f"best-of-{rl.best_of_n}"
-        )
-        t = time.perf_counter()
-        picker = VoteJudge(
+    def _vote(self, selectors) -> VoteJudge:
+        """The labelling selectors as a judge (their vote): best-of-n's picker and the curves' proxy."""
+        ws = self.ws
+        return VoteJudge(
             ws.model,
             ws.encoder,
             ws.choice_ids,
             selectors,
             SELECTOR,
-            rl.swap_average,
+            self.rl.swap_average,
             self.cfg.eval.batch_size,
         )
+
+    def _best_of_n(self, judge, selectors, prompts, reference) -> dict:
+        """Sample n answers, let the selectors pick by knockout, and judge the picks for n = 1, 2, 4, ... n
+        against the reference, by the judge and by the selectors themselves: a pick the selectors like more
+        and more while the judge does not is the signature of reward hacking (Gao et al. 2022)."""
+        rl = self.rl
+        prompts, reference = prompts[: rl.best_of_n_prompts], reference[: rl.best_of_n_prompts]
+        samples = self._sample(
+            prompts, POLICY, self.cfg.seed + 2000, n=rl.best_of_n, desc=f"best-of-{rl.best_of_n}"
+        )
+        t = time.perf_counter()
+        picker = self._vote(selectors)
         curve = best_of_n_curve(
             picker,
             judge,
@@ -457,18 +475,7 @@ class Phase2:
             "first_vs_reference": curve[0]["gold"],
             "pick_mean_new_tokens": curve[-1]["mean_new_tokens"],
             "first_mean_new_tokens": curve[0]["mean_new_tokens"],
-            "curve": [
-                {
-                    "n": r["n"],
-                    "kl_bon": r["kl_bon"],
-                    "judge": r["gold"]["win_rate"],
-                    "judge_ci95": r["gold"]["ci95"],
-                    "selectors": r["proxy"]["win_rate"],
-                    "selectors_ci95": r["proxy"]["ci95"],
-                    "mean_new_tokens": r["mean_new_tokens"],
-                }
-                for r in curve
-            ],
+            "curve": [_point(r, "n", "kl_bon") for r in curve],
         }
         self._timed("best_of_n", t)
         self.rundir.log({"event": "best_of_n", **report})
@@ -482,15 +489,7 @@ class Phase2:
         answers are the initial and the tuned policy's of the win rates (``winrates``), whose judge verdicts
         are reused. The live policy is the final one again afterwards."""
         ws, rl = self.ws, self.rl
-        proxy = VoteJudge(
-            ws.model,
-            ws.encoder,
-            ws.choice_ids,
-            selectors,
-            SELECTOR,
-            rl.swap_average,
-            self.cfg.eval.batch_size,
-        )
+        proxy = self._vote(selectors)
         final = adapter_state(ws.model, POLICY)
         lengths_ref = self.reference_tokens[: len(prompts)]
         rows = []
@@ -521,18 +520,7 @@ class Phase2:
                 rows.append(row)
         finally:
             load_adapter_state(ws.model, POLICY, final)
-        return [
-            {
-                "step": r["step"],
-                "log_ratio": r["log_ratio"],
-                "judge": r["gold"]["win_rate"],
-                "judge_ci95": r["gold"]["ci95"],
-                "selectors": r["proxy"]["win_rate"],
-                "selectors_ci95": r["proxy"]["ci95"],
-                "mean_new_tokens": r["mean_new_tokens"],
-            }
-            for r in rows
-        ]
+        return [_point(r, "step", "log_ratio") for r in rows]
 
     @torch.no_grad()
     def _log_ratio(self, prompts, answers) -> float:
