@@ -21,7 +21,8 @@
 #   central_top2, fedbis_top2  central / fedbis with LoRA in the top 2 blocks at twice the rank (the same
 #               number of adapter parameters, about half a step's work; its own trunk store, built first)
 #   central_top1, fedbis_top1  the same in the last block only at rank 64 (its own trunk store, built first)
-#   fedbis_top1_3ep  fedbis_top1 for three epochs (114 rounds): the issue's speed target
+#   fedbis_top1_3ep, fedbis_top2_3ep  fedbis_top1 / fedbis_top2 for three epochs (114 rounds): the issue's speed
+#               target, and the same pairs shown at top 2 for its paired agreement test
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
@@ -52,16 +53,16 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4_grad) fedbiscuit_arm fedbiscuit_k4_grad 4 5 gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
-    central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep)
+    central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep|fedbis_top2_3ep)
       n=${arm#*_top}; n=${n%%_*}; r=$(( 64 / n ))  # LoRA in the top n blocks at rank 64/n: the same parameters
       top=(model.lora.top_layers=$n model.lora.r=$r model.lora.alpha=$(( 2 * r )))
       .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml "${top[@]}" > $out/all_cache_build_top$n.log 2>&1
       case $arm in
         central_top*) run all_${arm}_s$seed configs/hh_centralized.yaml train.epochs=2 "${top[@]}" ;;
-        fedbis_top1_3ep) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.rounds=114 \
+        fedbis_top*_3ep) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.rounds=114 \
                            federated.eval_every=114 ;;
         *) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" ;;
       esac ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep)"; exit 2 ;;
   esac
 done
