@@ -114,3 +114,39 @@ def test_a_gradient_step_is_one_plain_sgd_step_of_rate_one_over_the_first_pairs(
         moved += float((v - start[k]).abs().sum())
     assert moved > 0  # a real step, not the state sent
     assert client.gradient_step(model, start, max_pairs=7, batch_size=7).state.keys() == start.keys()
+
+
+def test_a_round_that_fails_part_way_leaves_the_kept_optimizer_state_as_it_was(tiny, monkeypatch):
+    """federated.reset_optimizer=false: the AdamW state a client keeps between rounds is what its last completed
+    round left; a round that raises after some steps (here a non-finite loss at its third step) changes nothing
+    (the loaded optimizer would otherwise step the kept tensors in place)."""
+    import torch
+
+    from fedbiscuit.config import LoraSettings, TrainConfig
+    from fedbiscuit.models.adapters import adapter_state, add_adapter
+
+    model, tok = tiny
+    model = add_adapter(model, "selector", LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    enc = PairEncoder(tok, Template.parse("generic"), 256)
+    train = [Comparison(f"q {i}", f"yes {i}", f"no {i}", float(i % 2), "c", "t") for i in range(8)]
+    client = SelectorClient(0, ClientData("c", train, []), enc, answer_token_ids(tok))
+    state = adapter_state(model, "selector")
+    cfg = TrainConfig(lr=1e-2, batch_size=2)
+    client.train(model, state, cfg, 3, seed=0, reset_optimizer=False)
+    kept = {i: {k: v.clone() for k, v in s.items()} for i, s in client.optimizer_state["state"].items()}
+    assert kept and all(float(s["exp_avg"].abs().sum()) > 0 for s in kept.values())
+
+    real, calls = PairEncoder.logits, []
+
+    def fails_at_the_third_step(self, *a, **kw):
+        calls.append(1)
+        logits, target = real(self, *a, **kw)
+        return (logits * float("nan") if len(calls) == 3 else logits), target
+
+    monkeypatch.setattr(PairEncoder, "logits", fails_at_the_third_step)
+    with pytest.raises(FloatingPointError):
+        client.train(model, state, cfg, 4, seed=1, reset_optimizer=False)
+    assert len(calls) == 3  # two steps were taken before the failure
+    for i, s in client.optimizer_state["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, kept[i][k]), (i, k)

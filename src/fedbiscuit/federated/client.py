@@ -6,6 +6,7 @@ a ScoreReply holds one float loss per selector. Transport is someone else's job 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -98,7 +99,9 @@ class SelectorClient:
         torch.manual_seed(seed)  # LoRA dropout draws from the global generator
         optimizer = make_optimizer(model, cfg)
         if not reset_optimizer and self.optimizer_state is not None:
-            optimizer.load_state_dict(self.optimizer_state)
+            # a copy: AdamW steps the tensors it was loaded with in place, and a round that fails part-way
+            # must leave the kept state as the last completed round left it
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
         result = train_selector(
             model,
             self.encoder,

@@ -7,6 +7,8 @@ average the policy adapter exactly as they do a selector.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..data import ClientData
@@ -87,7 +89,9 @@ class PolicyClient:
         torch.manual_seed(seed)
         optimizer = make_dpo_optimizer(model, POLICY, self.cfg.rlhf.dpo)
         if not reset_optimizer and self.optimizer_state is not None:
-            optimizer.load_state_dict(self.optimizer_state)
+            # a copy: AdamW steps the tensors it was loaded with in place, and a round that fails part-way
+            # must leave the kept state as the last completed round left it
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
         result = train_dpo(
             model,
             POLICY,
