@@ -23,6 +23,9 @@
 #   central_top1, fedbis_top1  the same in the last block only at rank 64 (its own trunk store, built first)
 #   fedbis_top1_3ep, fedbis_top2_3ep  fedbis_top1 / fedbis_top2 for three epochs (114 rounds): the issue's speed
 #               target, and the same pairs shown at top 2 for its paired agreement test
+#   fedbiscuit_k4_grad_top1  fedbiscuit_k4_grad in the last block only at rank 64 (the speed target on the arm that wins)
+#   fedbis_top1_ls4  fedbis_top1 with 4 local steps a round and 4x the rounds (304): the same pairs shown and
+#               sequential steps, a quarter of the local drift between averagings (a client-drift remedy)
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,7 +42,7 @@ run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run "
 # FedBiscuit with K selectors, W warm-up rounds each (K*W = 20 warm-up rounds), regrouping every 10, a grouping rule
 fedbiscuit_arm() { run all_$1_s$seed configs/hh_fedbiscuit.yaml "${seq[@]}" federated.fedbiscuit.num_selectors=$2 \
                      federated.fedbiscuit.warmup_rounds=$3 federated.fedbiscuit.regroup_every=10 \
-                     federated.fedbiscuit.grouping=$4; }
+                     federated.fedbiscuit.grouping=$4 "${@:5}"; }
 .venv/bin/python benchmarks/trunk_cache.py configs/hh_centralized.yaml > $out/all_cache_build.log 2>&1
 declare -A stored  # top-n trunk stores built (or found) in this invocation
 for arm in "${arms[@]}"; do
@@ -54,7 +57,7 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4_grad) fedbiscuit_arm fedbiscuit_k4_grad 4 5 gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
-    central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep|fedbis_top2_3ep)
+    central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep|fedbis_top2_3ep|fedbiscuit_k4_grad_top1|fedbis_top1_ls4)
       n=${arm#*_top}; n=${n%%_*}; r=$(( 64 / n ))  # LoRA in the top n blocks at rank 64/n: the same parameters
       top=(model.lora.top_layers=$n model.lora.r=$r model.lora.alpha=$(( 2 * r )))
       if [ -z "${stored[$n]:-}" ]; then  # once per invocation: a second pass only finds every pair and overwrites the log
@@ -65,8 +68,11 @@ for arm in "${arms[@]}"; do
         central_top*) run all_${arm}_s$seed configs/hh_centralized.yaml train.epochs=2 "${top[@]}" ;;
         fedbis_top*_3ep) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.rounds=114 \
                            federated.eval_every=114 ;;
+        fedbis_top*_ls4) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.local_steps=4 \
+                           federated.rounds=304 federated.eval_every=304 federated.checkpoint_every=80 ;;
+        fedbiscuit_k4_grad_top*) fedbiscuit_arm ${arm} 4 5 gradients "${top[@]}" ;;
         *) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" ;;
       esac ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep fedbiscuit_k4_grad_top1 fedbis_top1_ls4)"; exit 2 ;;
   esac
 done
