@@ -24,8 +24,8 @@
 #   fedbis_top1_3ep, fedbis_top2_3ep  fedbis_top1 / fedbis_top2 for three epochs (114 rounds): the issue's speed
 #               target, and the same pairs shown at top 2 for its paired agreement test
 #   fedbiscuit_k4_grad_top1  fedbiscuit_k4_grad in the last block only at rank 64 (the speed target on the arm that wins)
-#   fedbis_top1_ls4  fedbis_top1 with 4 local steps a round and 4x the rounds (304): the same pairs shown and
-#               sequential steps, a quarter of the local drift between averagings (a client-drift remedy)
+#   fedbis_ls4, fedbis_top1_ls4  fedbis / fedbis_top1 with 4 local steps a round and 4x the rounds (304): the same
+#               pairs shown and sequential steps, a quarter of the local drift between averagings (a client-drift remedy)
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,6 +37,7 @@ out=runs/issue18; mkdir -p $out
 seq=(train.batch_size=2 federated.clients_per_round=4 federated.local_steps=16 federated.rounds=76
      train.lr=1e-3 train.schedule=cosine train.warmup_steps=50 federated.eval_every=76
      federated.checkpoint_every=20 eval.before_training=true)
+ls4=(federated.local_steps=4 federated.rounds=304 federated.eval_every=304 federated.checkpoint_every=80)
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run "$@" name=$name seed=$seed \
           output_dir=$out --quiet --overwrite > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
 # FedBiscuit with K selectors, W warm-up rounds each (K*W = 20 warm-up rounds), regrouping every 10, a grouping rule
@@ -56,6 +57,7 @@ for arm in "${arms[@]}"; do
     fedbiscuit_grad) fedbiscuit_arm fedbiscuit_grad 2 10 gradients ;;
     fedbiscuit_k4_grad) fedbiscuit_arm fedbiscuit_k4_grad 4 5 gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
+    fedbis_ls4) run all_fedbis_ls4_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${ls4[@]}" ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
     central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep|fedbis_top2_3ep|fedbiscuit_k4_grad_top1|fedbis_top1_ls4)
       n=${arm#*_top}; n=${n%%_*}; r=$(( 64 / n ))  # LoRA in the top n blocks at rank 64/n: the same parameters
@@ -68,11 +70,10 @@ for arm in "${arms[@]}"; do
         central_top*) run all_${arm}_s$seed configs/hh_centralized.yaml train.epochs=2 "${top[@]}" ;;
         fedbis_top*_3ep) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.rounds=114 \
                            federated.eval_every=114 ;;
-        fedbis_top*_ls4) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" federated.local_steps=4 \
-                           federated.rounds=304 federated.eval_every=304 federated.checkpoint_every=80 ;;
+        fedbis_top*_ls4) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" "${ls4[@]}" ;;
         fedbiscuit_k4_grad_top*) fedbiscuit_arm ${arm} 4 5 gradients "${top[@]}" ;;
         *) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" ;;
       esac ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep fedbiscuit_k4_grad_top1 fedbis_top1_ls4)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep fedbiscuit_k4_grad_top1 fedbis_ls4 fedbis_top1_ls4)"; exit 2 ;;
   esac
 done
