@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 c0;
-# each writes runs/issue18/<name>/)
+# each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
 # Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
 # name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
 # Homogeneous raters: helpful-base in 4 clients, all 4 each round, 31 rounds x 4 local steps x 8 pairs
@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1
 common=("data.subsets=[helpful-base]" federated.clients_per_round=4 federated.local_steps=4 federated.rounds=31
         federated.eval_every=31 federated.checkpoint_every=31 train.lr=1e-3 output_dir=runs/issue18)
+seed=${SEED:-0}; sfx=""; [ "$seed" = 0 ] || sfx=_s$seed
 cos=(train.schedule=cosine train.warmup_steps=12)
-run() { local name=$1; shift; mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbis.yaml name=$name "${common[@]}" "$@" --quiet --overwrite > runs/issue18/$name.log 2>&1; echo "$name done $(date +%T)" >> runs/issue18/arms.done; }
+run() { local name=$1$sfx; shift; mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbis.yaml name=$name seed=$seed "${common[@]}" "$@" --quiet --overwrite > runs/issue18/$name.log 2>&1; echo "$name done $(date +%T)" >> runs/issue18/arms.done; }
 arm() {
   case $1 in
     a0) run hb_a0_avg ;;
@@ -23,9 +24,9 @@ arm() {
     a7) run hb_a7_seq train.batch_size=2 federated.local_steps=16 ;;
     a8) run hb_a8_seq_cos train.batch_size=2 federated.local_steps=16 train.schedule=cosine train.warmup_steps=50 ;;
     # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
-    c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central \
-          "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central.log 2>&1
-        echo "hb_central done $(date +%T)" >> runs/issue18/arms.done ;;
+    c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central$sfx \
+          seed=$seed "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central$sfx.log 2>&1
+        echo "hb_central$sfx done $(date +%T)" >> runs/issue18/arms.done ;;
   esac
 }
 arm $1 & { [ -n "${2:-}" ] && arm $2; } & wait
