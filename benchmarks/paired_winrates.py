@@ -3,7 +3,9 @@ and the paired difference between two arms, per prompt.
 
 Each run's last "tuned policy" win rate (its metrics.jsonl) holds one verdict per evaluation prompt (1 win,
 0 loss, 0.5 tie, judged in both orders) with the prompt's id. Per run: the win rate, the sign test of wins
-against losses, the paired bootstrap interval of (win rate - 50%), and the length-controlled win rate. Per
+against losses, the paired bootstrap interval of (win rate - 50%), the length-controlled win rate, and, where the
+run judged the initial policy's own second sample against the same reference answers (its "initial policy" win
+rate: the noise), the tuned policy's verdicts minus those, paired per prompt. Per
 comparison (``--compare A B``): B's verdicts minus A's on the prompts both judged, with a paired bootstrap
 interval and the sign test of the per-prompt differences. Runs named ``<arm>_s<seed>`` pool over seeds per
 prompt, as benchmarks/paired_runs.py does (an interval conditional on the seeds run).
@@ -36,6 +38,14 @@ def tuned_verdicts(run: str) -> dict:
     if "prompt_ids" not in tuned[-1]:
         sys.exit(f"{path}: its win rate has no prompt_ids (a run from before they were logged)")
     return tuned[-1]
+
+
+def initial_verdicts(run: str) -> dict | None:
+    """The run's "initial policy" win-rate record (the untuned model's second sample against the same reference
+    answers), or None where the run has none with prompt ids."""
+    records = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    initial = [r for r in records if r.get("event") == "winrate" and r.get("label") == "initial policy"]
+    return initial[-1] if initial and "prompt_ids" in initial[-1] else None
 
 
 def arm(run: str) -> str:
@@ -106,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
             "mean_new_tokens": rec.get("mean_new_tokens"),
         }
         r = out["runs"][run]
+        initial = initial_verdicts(run)
+        if initial is not None:
+            r["tuned_minus_initial"] = compare(by_prompt(initial), by_prompt(rec), (f"{run} (initial)", run))
         lc_text = f", length-controlled {100 * lc['win_rate']:.1f}%" if lc else ""
         print(
             f"{run}: win rate against the initial policy {100 * r['win_rate']:.1f}% "
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['losses']} losses of {r['prompts']}), sign test p={r['sign_p']:.2g}{lc_text}, "
             f"{r['mean_new_tokens']} tokens"
         )
+        if initial is not None:
+            print(f"  tuned - initial policy, paired per prompt: {_fmt(r['tuned_minus_initial'])}")
     for a, b in args.compare:
         c = compare(by_prompt(tuned_verdicts(a)), by_prompt(tuned_verdicts(b)), (a, b))
         out["comparisons"].append({"baseline": a, "other": b, **c})

@@ -23,13 +23,21 @@ class LengthJudge:
         return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in pairs]
 
 
-def _run(folder: Path, name: str, wins: int, prompts=PROMPTS) -> str:
-    """A finished phase-2 run whose tuned policy beats the reference on its first `wins` prompts."""
+def _run(folder: Path, name: str, wins: int, prompts=PROMPTS, initial_wins: int | None = None) -> str:
+    """A finished phase-2 run whose tuned policy beats the reference on its first `wins` prompts (and the initial
+    policy's second sample on its first `initial_wins`; default: as the tuned policy)."""
     answers = ["long answer" if i < wins else "s" for i in range(len(prompts))]
     rec = win_rate(LengthJudge(), prompts, answers, ["mid"] * len(prompts))
+    first = wins if initial_wins is None else initial_wins
+    initial = win_rate(
+        LengthJudge(),
+        prompts,
+        ["long answer" if i < first else "s" for i in range(len(prompts))],
+        ["mid"] * len(prompts),
+    )
     run = folder / name
     run.mkdir()
-    records = [{"event": "winrate", "label": "initial policy", **rec, "win_rate": 0.5}]
+    records = [{"event": "winrate", "label": "initial policy", **initial}]
     records.append({"event": "winrate", "label": "tuned policy", "mean_new_tokens": 9.0, **rec})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(run)
@@ -66,3 +74,14 @@ def test_runs_on_other_prompts_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     done = _script(str(tmp_path / "empty"))
     assert done.returncode != 0 and "no metrics.jsonl" in done.stderr
+
+
+def test_the_tuned_policy_against_the_initial_policys_own_sample_paired_per_prompt(tmp_path):
+    run = _run(tmp_path, "dpo_a_s0", 16, initial_wins=10)
+    out = tmp_path / "out.json"
+    done = _script(run, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    c = json.loads(out.read_text())["runs"][run]["tuned_minus_initial"]
+    assert c["difference"] == pytest.approx(0.3) and (c["gained"], c["lost"], c["n"]) == (6, 0, 20)
+    assert c["mcnemar_p"] == pytest.approx(binomtest(6, 6, 0.5).pvalue)
+    assert "tuned - initial policy, paired per prompt: +30.0" in done.stdout
