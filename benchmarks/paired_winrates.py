@@ -26,13 +26,19 @@ from pathlib import Path
 from common import write_json
 
 
-def tuned_verdicts(run: str) -> dict:
-    """The run's last "tuned policy" win-rate record (scores and prompt ids), or exit naming what is missing."""
+def winrates(run: str, label: str) -> list[dict]:
+    """The run's win-rate records with this label ("tuned policy", "initial policy"), in the order logged."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"{run}: no metrics.jsonl (not a finished phase-2 run)")
     records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    tuned = [r for r in records if r.get("event") == "winrate" and r.get("label") == "tuned policy"]
+    return [r for r in records if r.get("event") == "winrate" and r.get("label") == label]
+
+
+def tuned_verdicts(run: str) -> dict:
+    """The run's last "tuned policy" win-rate record (scores and prompt ids), or exit naming what is missing."""
+    path = Path(run) / "metrics.jsonl"
+    tuned = winrates(run, "tuned policy")
     if not tuned:
         sys.exit(f"{path}: no 'tuned policy' win rate (the run did not finish phase 2)")
     if "prompt_ids" not in tuned[-1]:
@@ -43,8 +49,7 @@ def tuned_verdicts(run: str) -> dict:
 def initial_verdicts(run: str) -> dict | None:
     """The run's "initial policy" win-rate record (the untuned model's second sample against the same reference
     answers), or None where the run has none with prompt ids."""
-    records = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    initial = [r for r in records if r.get("event") == "winrate" and r.get("label") == "initial policy"]
+    initial = winrates(run, "initial policy")
     return initial[-1] if initial and "prompt_ids" in initial[-1] else None
 
 

@@ -26,15 +26,12 @@ class LengthJudge:
 def _run(folder: Path, name: str, wins: int, prompts=PROMPTS, initial_wins: int | None = None) -> str:
     """A finished phase-2 run whose tuned policy beats the reference on its first `wins` prompts (and the initial
     policy's second sample on its first `initial_wins`; default: as the tuned policy)."""
-    answers = ["long answer" if i < wins else "s" for i in range(len(prompts))]
-    rec = win_rate(LengthJudge(), prompts, answers, ["mid"] * len(prompts))
-    first = wins if initial_wins is None else initial_wins
-    initial = win_rate(
-        LengthJudge(),
-        prompts,
-        ["long answer" if i < first else "s" for i in range(len(prompts))],
-        ["mid"] * len(prompts),
-    )
+
+    def judged(first: int) -> dict:  # the answer on each of the first `first` prompts is the longer one
+        answers = ["long answer" if i < first else "s" for i in range(len(prompts))]
+        return win_rate(LengthJudge(), prompts, answers, ["mid"] * len(prompts))
+
+    rec, initial = judged(wins), judged(wins if initial_wins is None else initial_wins)
     run = folder / name
     run.mkdir()
     records = [{"event": "winrate", "label": "initial policy", **initial}]

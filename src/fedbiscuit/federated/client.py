@@ -21,6 +21,14 @@ from ..selector.training import choice_loss, make_optimizer, train_selector
 WORK_ADAPTER = "selector"  # the one adapter slot every client trains in; global states are loaded into it
 
 
+def load_kept_state(optimizer: torch.optim.Optimizer, kept: dict | None) -> None:
+    """Start ``optimizer`` from the state a client kept after its last completed round (federated.reset_optimizer
+    =false); nothing kept yet: leave it fresh. A copy: the optimizer steps the tensors it was loaded with in place,
+    and a round that fails part-way must leave the kept state as the last completed round left it."""
+    if kept is not None:
+        optimizer.load_state_dict(copy.deepcopy(kept))
+
+
 @dataclass
 class TrainReply:
     state: AdapterState
@@ -98,10 +106,8 @@ class SelectorClient:
         model.set_adapter(WORK_ADAPTER)
         torch.manual_seed(seed)  # LoRA dropout draws from the global generator
         optimizer = make_optimizer(model, cfg)
-        if not reset_optimizer and self.optimizer_state is not None:
-            # a copy: AdamW steps the tensors it was loaded with in place, and a round that fails part-way
-            # must leave the kept state as the last completed round left it
-            optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        if not reset_optimizer:
+            load_kept_state(optimizer, self.optimizer_state)
         result = train_selector(
             model,
             self.encoder,

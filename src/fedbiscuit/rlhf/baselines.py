@@ -7,12 +7,10 @@ average the policy adapter exactly as they do a selector.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..data import ClientData
-from ..federated.client import TrainReply
+from ..federated.client import TrainReply, load_kept_state
 from ..models.adapters import AdapterState, adapter_state, load_adapter_state
 from .dpo import encode_preferences, make_dpo_optimizer, reference_logps, train_dpo
 from .generation import stop_token_ids
@@ -88,10 +86,8 @@ class PolicyClient:
         model.set_adapter(POLICY)
         torch.manual_seed(seed)
         optimizer = make_dpo_optimizer(model, POLICY, self.cfg.rlhf.dpo)
-        if not reset_optimizer and self.optimizer_state is not None:
-            # a copy: AdamW steps the tensors it was loaded with in place, and a round that fails part-way
-            # must leave the kept state as the last completed round left it
-            optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        if not reset_optimizer:
+            load_kept_state(optimizer, self.optimizer_state)
         result = train_dpo(
             model,
             POLICY,
