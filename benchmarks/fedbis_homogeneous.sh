@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 c0;
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
 # Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
 # name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
@@ -7,8 +7,11 @@
 # (3,968 pairs shown; the centralized helpful-base run shows 500 x 8 = 4,000). One thread per run, two at once.
 cd "$(dirname "$0")/.."
 export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1
+# eval.heldout_every: agreement on the clients' held-out slices of the training split at rounds 0 and 31, what
+# a choice between arms is made on (the test pairs only report it)
 common=("data.subsets=[helpful-base]" federated.clients_per_round=4 federated.local_steps=4 federated.rounds=31
-        federated.eval_every=31 federated.checkpoint_every=31 train.lr=1e-3 output_dir=runs/issue18)
+        federated.eval_every=31 federated.checkpoint_every=31 train.lr=1e-3 output_dir=runs/issue18
+        eval.heldout_every=31)
 seed=${SEED:-0}; sfx=""; [ "$seed" = 0 ] || sfx=_s$seed
 cos=(train.schedule=cosine train.warmup_steps=12)
 run() { local name=$1$sfx; shift; mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbis.yaml name=$name seed=$seed "${common[@]}" "$@" --quiet --overwrite > runs/issue18/$name.log 2>&1; echo "$name done $(date +%T)" >> runs/issue18/arms.done; }
@@ -23,6 +26,11 @@ arm() {
     # on a quarter of the batch, so a round's 4 clients together see 8 pairs per step, as one central step does
     a7) run hb_a7_seq train.batch_size=2 federated.local_steps=16 ;;
     a8) run hb_a8_seq_cos train.batch_size=2 federated.local_steps=16 train.schedule=cosine train.warmup_steps=50 ;;
+    # a7 with each client's AdamW state kept across rounds (no cold, sign-like first steps each round)
+    a9) run hb_a9_seq_keepopt train.batch_size=2 federated.local_steps=16 federated.reset_optimizer=false ;;
+    # a8 with the kept AdamW state: the centralized run's schedule and warm optimizer on every client
+    a10) run hb_a10_seq_cos_keepopt train.batch_size=2 federated.local_steps=16 train.schedule=cosine \
+           train.warmup_steps=50 federated.reset_optimizer=false ;;
     # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
     c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central$sfx \
           seed=$seed "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central$sfx.log 2>&1

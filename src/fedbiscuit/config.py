@@ -266,8 +266,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
     swap_average: bool = True  # score both orders and average; single-order figures are reported too
     before_training: bool = True
-    # centralized: agreement on the held-out slice of the training split every N optimizer steps (a learning
-    # curve that never looks at the evaluation split); None: only before and after training
+    # Agreement on the held-out slices of the training split (a learning curve that never looks at the
+    # evaluation split; what settings are tuned on): centralized, every N optimizer steps, None only before and
+    # after training; federated (local engine), every N rounds and after the last, None never
     heldout_every: int | None = Field(default=None, ge=1)
     # Per-client fairness figures (worst client, 10th percentile, spread) count only clients judged on at least
     # this many decided pairs: below it one pair moves a client's agreement by 20 points or more, and the worst
@@ -711,10 +712,10 @@ class RunConfig(_Section):
                 f"train.schedule / train.warmup_steps set the selectors' rate; rlhf.method={self.rlhf.method!r} "
                 "trains no selector (its policy follows rlhf.dpo): leave them at constant / 0"
             )
-        if self.pipeline != "centralized" and self.eval.heldout_every is not None:
+        if self.pipeline == "rlhf" and self.eval.heldout_every is not None:
             raise ValueError(
-                f"eval.heldout_every={self.eval.heldout_every} draws a centralized run's held-out learning curve; "
-                "a federated run evaluates every federated.eval_every rounds: leave it unset"
+                f"eval.heldout_every={self.eval.heldout_every} draws phase 1's held-out learning curve; "
+                "an rlhf run judges its policy after training: leave it unset"
             )
         named = ["epochs"] if t.epochs is not None else []
         named += ["steps"] if t.steps not in (None, TrainConfig.model_fields["steps"].default) else []

@@ -279,7 +279,17 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
             "the local baseline scores each client's own selector on that client's test pairs, but no "
             "evaluation client matches a training client: use partition.method=natural and set data.eval_split"
         )
-    engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet)
+    heldouts = None
+    if cfg.eval.heldout_every:  # every seen client's held-out slice, by the client's own name (not "all")
+        heldouts = {
+            c.name: ws.encoder.encode(c.heldout, owner=c.name) for c in data.clients.values() if c.heldout
+        }
+        if not heldouts:
+            raise ValueError(
+                f"eval.heldout_every={cfg.eval.heldout_every}: no client has a held-out slice "
+                "(set data.heldout_fraction above 0)"
+            )
+    engine = LocalEngine(cfg, ws.model, clients, algorithm, run, tests, quiet, heldouts)
     state, resumed = start_state(
         cfg,
         run,
@@ -298,6 +308,7 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
             c.optimizer_state = state.optimizer_states.get(c.name)
     elif cfg.eval.before_training:
         engine.evaluate(state, 0)
+        engine.evaluate_heldout(state, 0)
     state = engine.run_rounds(state)
     # logged at the final round: a resumed run (even one that had finished) drops these records and redoes them
     after_training(ws.model, seen, unseen, state.selectors, state.clusters, cfg, state.round, run.log)

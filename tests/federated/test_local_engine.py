@@ -502,3 +502,37 @@ def test_grouping_by_update_directions_recovers_planted_groups(tmp_path, groupin
             config_from_dict(kept)
     else:  # a gradient step uses no optimizer
         assert config_from_dict(kept).federated.reset_optimizer is False
+
+
+def test_heldout_agreement_is_logged_on_the_clients_heldout_slices(tmp_path):
+    """eval.heldout_every in a federated run: agreement on every client's held-out slice of the training split
+    (what settings are tuned on), at round 0, every N rounds and after the last; never the test pairs."""
+    raw = make_cfg(tmp_path, "held", rounds=5, clients_per_round=4, local_steps=3)
+    raw["eval"].update(before_training=True, heldout_every=2)
+    cfg = config_from_dict(raw)
+    summary = run_federated(cfg, quiet=True)
+    events = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
+    held = [e for e in events if e["event"] == "heldout"]
+    tests = [e for e in events if e["event"] == "eval"]
+    assert [e["round"] for e in held] == [0, 2, 4, 5]
+    overall = [e["selectors"]["selector-0"]["overall"] for e in held]
+    # the held-out slices: a quarter of each client's training pairs, none of its (at most 6) test pairs
+    n_held = overall[0]["n"]
+    assert all(o["n"] == n_held for o in overall)
+    assert n_held != tests[-1]["selectors"]["selector-0"]["overall"]["n"]
+    clients = set(held[0]["selectors"]["selector-0"]["clients"])
+    assert len(clients) == 8
+    # planted preferences are learnable: the held-out curve rises from the untrained start
+    assert overall[-1]["agreement"] > overall[0]["agreement"] + 0.2
+
+
+def test_heldout_agreement_needs_heldout_slices_and_the_local_engine(tmp_path):
+    from fedbiscuit.flower.server_app import check_flower_config
+
+    raw = make_cfg(tmp_path, "noheld")
+    raw["eval"]["heldout_every"] = 2
+    raw["data"]["heldout_fraction"] = 0.0
+    with pytest.raises(ValueError, match=r"eval.heldout_every=2: no client has a held-out slice"):
+        run_federated(config_from_dict(raw), quiet=True)
+    with pytest.raises(ValueError, match=r"eval.heldout_every=2: the Flower server holds no client"):
+        check_flower_config(config_from_dict(raw))

@@ -124,8 +124,11 @@ def test_schedule_settings_that_would_be_ignored_are_errors_naming_the_key():
         config_from_dict({**fed, "train": {"warmup_steps": 40}})
     with pytest.raises(ConfigError, match=r"train.epochs sets the length of a centralized run"):
         config_from_dict({**fed, "train": {"steps": None, "epochs": 2}})
-    with pytest.raises(ConfigError, match=r"eval.heldout_every=5 draws a centralized run's"):
-        config_from_dict({**fed, "eval": {"heldout_every": 5}})
+    assert config_from_dict({**fed, "eval": {"heldout_every": 5}}).eval.heldout_every == 5
+    with pytest.raises(ConfigError, match=r"eval.heldout_every=5 draws phase 1's held-out learning curve"):
+        config_from_dict(
+            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}, "eval": {"heldout_every": 5}}
+        )
     with pytest.raises(ConfigError, match=r"train.min_lr_ratio=0.1 is the floor of a decay"):
         config_from_dict({"train": {"min_lr_ratio": 0.1}})
     with pytest.raises(ConfigError, match=r"rlhf.method='feddpo' trains no selector"):

@@ -80,25 +80,37 @@ class LocalEngine(RoundLoop):
         run: RunDir,
         tests: dict,
         quiet: bool = False,
+        heldouts: dict | None = None,
     ):
         self.model = model
         self.encoder, self.choice_ids = clients[0].encoder, clients[0].choice_ids  # shared by all clients
         self.tests = (
             tests  # client -> encoded test pairs (simulation-side evaluation of the global selectors)
         )
+        # client -> encoded held-out pairs (eval.heldout_every; simulation-side, like the test pairs)
+        self.heldouts = heldouts or {}
         super().__init__(
-            cfg, algorithm, run, LocalTransport(cfg, model, clients, quiet), self._evaluate, quiet
+            cfg,
+            algorithm,
+            run,
+            LocalTransport(cfg, model, clients, quiet),
+            self._evaluate,
+            quiet,
+            self._evaluate_heldout if self.heldouts else None,
         )
 
-    def _evaluate(self, state: ServerState, round_: int) -> dict:
+    def _evaluate(self, state: ServerState, round_: int, tests: dict | None = None) -> dict:
         return evaluate_selectors(
             self.model,
             self.encoder,
             self.choice_ids,
             state.selectors,
-            self.tests,
+            self.tests if tests is None else tests,
             state.clusters,
             self.cfg.eval.batch_size,
             local=self.cfg.federated.algorithm == "local",
             min_client_pairs=self.cfg.eval.min_client_pairs,
         )
+
+    def _evaluate_heldout(self, state: ServerState, round_: int) -> dict:
+        return self._evaluate(state, round_, self.heldouts)

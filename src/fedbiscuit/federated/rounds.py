@@ -124,9 +124,13 @@ class RoundLoop:
         transport: Transport,
         evaluator: Evaluator | None = None,
         quiet: bool = False,
+        heldout_evaluator: Evaluator | None = None,
     ):
         self.cfg, self.algorithm, self.run, self.transport = cfg, algorithm, run, transport
         self.evaluator, self.quiet = evaluator, quiet
+        # agreement on the clients' held-out slices of the training split (eval.heldout_every): what a setting
+        # is tuned on, never the evaluation split
+        self.heldout_evaluator = heldout_evaluator
         self.dp = CentralDP(cfg.federated.dp) if cfg.federated.dp else None
 
     # ---------------------------------------------------------------- grouping round
@@ -262,6 +266,15 @@ class RoundLoop:
         self.run.log({"event": "eval", "round": round_, **report})
         return report
 
+    def evaluate_heldout(self, state: ServerState, round_: int) -> dict | None:
+        if self.heldout_evaluator is None:
+            return None
+        start = time.perf_counter()
+        report = self.heldout_evaluator(state, round_)
+        report["seconds"] = time.perf_counter() - start
+        self.run.log({"event": "heldout", "round": round_, **report})
+        return report
+
     # ---------------------------------------------------------------- one round's replies
     def _check(self, outcome: TrainReply | str, reference: AdapterState) -> TrainReply | str:
         timeout = self.cfg.federated.client_timeout_s
@@ -359,6 +372,9 @@ class RoundLoop:
                 bar.set_postfix(loss=f"{sum(c['loss'] for c in client_records) / len(client_records):.4f}")
             if state.round % fed.eval_every == 0 or state.round == fed.rounds:
                 self.evaluate(state, state.round)
+            every = self.cfg.eval.heldout_every
+            if every and (state.round % every == 0 or state.round == fed.rounds):
+                self.evaluate_heldout(state, state.round)
             if state.round % fed.checkpoint_every == 0 or state.round == fed.rounds:
                 state.optimizer_states = self.transport.optimizer_states()
                 save_checkpoint(self.run.checkpoints, state)

@@ -249,6 +249,11 @@ def check_flower_config(cfg: RunConfig) -> None:
             "federated.reset_optimizer=false keeps optimizer state on clients between rounds; the Flower "
             "engine does not (each message may be a fresh process): use the local engine or reset_optimizer=true"
         )
+    if cfg.eval.heldout_every is not None:
+        raise ValueError(
+            f"eval.heldout_every={cfg.eval.heldout_every}: the Flower server holds no client's held-out slice; "
+            "tune on held-out slices with the local engine (fedbiscuit run), or leave it unset"
+        )
     after_rounds = []  # what only the local engine does once the rounds are over (federated/population.py)
     if cfg.data.unseen_clients is not None:
         after_rounds.append(f"data.unseen_clients={cfg.data.unseen_clients!r}")
