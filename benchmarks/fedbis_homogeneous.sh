@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 c0;
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
 # Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
 # name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
@@ -31,6 +31,12 @@ arm() {
     # a8 with the kept AdamW state: the centralized run's schedule and warm optimizer on every client
     a10) run hb_a10_seq_cos_keepopt train.batch_size=2 federated.local_steps=16 train.schedule=cosine \
            train.warmup_steps=50 federated.reset_optimizer=false ;;
+    # a7 at a higher client rate. Why: each client's AdamW divides by the root of its own second moment, which
+    # at 2 pairs a step holds up to 4x the gradient noise of the centralized run's 8, so where noise dominates a
+    # client's step carries half the signal; averaging 4 clients cuts the noise but not that. Twice the rate
+    # (the square-root rule for Adam, Malladi et al. 2022) restores the signal; 1.4x is the midpoint.
+    a11) run hb_a11_seq_lr2 train.batch_size=2 federated.local_steps=16 train.lr=2e-3 ;;
+    a12) run hb_a12_seq_lr14 train.batch_size=2 federated.local_steps=16 train.lr=1.4e-3 ;;
     # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
     c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central$sfx \
           seed=$seed "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central$sfx.log 2>&1

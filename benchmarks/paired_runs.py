@@ -23,6 +23,9 @@ each seed's runs are scored once, as they finish:
     python benchmarks/paired_runs.py --compare untrained runs/a_s0 --json s0.json
     python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1
 
+``--split heldout`` judges the clients' held-out slices of the training split instead of the test pairs: what a
+choice between settings is made on (the runs must partition the data alike, as arms of one script do).
+
 The JSON keeps every run's per-pair outcomes, so other paired statistics need no rescoring. And each run's
 per-pair outcomes are kept in ``paired/`` under the model cache (``model.cache_dir``, else ``$FEDBISCUIT_CACHE``, else
 ``~/.cache/fedbiscuit``), keyed by the
@@ -75,7 +78,7 @@ def cache_file(run: str, key: str, root: Path) -> Path:
     return root / "paired" / f"{digest}.json"
 
 
-def final_selectors(run: str, untrained: dict):
+def final_selectors(run: str, untrained: dict, split: str = "test"):
     """(where from, {name: adapter state}, clusters, logged agreement, local) of a run's final selector(s);
     ``local``: the local baseline, every client its own selector.
 
@@ -89,10 +92,15 @@ def final_selectors(run: str, untrained: dict):
         return UNTRAINED, {UNTRAINED: untrained}, {}, None, False
     folder = Path(run)
     records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r.get("event") == "eval"]
+    event = "eval" if split == "test" else "heldout"
+    evals = [r for r in records if r.get("event") == event]
     ckpt = final_checkpoint(run)
-    if ckpt.name == f"{SELECTOR}.safetensors":  # a centralized run: its "after" evaluation
-        logged = [r["overall"]["agreement"] for r in evals if r.get("stage") == "after"]
+    if ckpt.name == f"{SELECTOR}.safetensors":  # a centralized run: its "after" evaluation (held-out: last point)
+        logged = (
+            [r["overall"]["agreement"] for r in evals if r.get("stage") == "after"]
+            if split == "test"
+            else [r["agreement"] for r in evals]
+        )
         return ckpt, {"selector": read_adapter(ckpt)[0]}, {}, logged[-1] if logged else None, False
     state = load_checkpoint(ckpt)
     clusters = state.clusters
@@ -116,8 +124,16 @@ def _algorithm(folder: Path) -> str | None:
     )
 
 
-def run_correct(ws, run: str, untrained: dict):
-    """Per test pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
+def judged_pairs(ws, split: str) -> tuple[list, list]:
+    """(encoded pairs owned by their client, the texts behind them) of the test split or the held-out slices."""
+    if split == "test":  # test_pairs() encodes all_test() in this order
+        return ws.test_pairs(), [t for members in ws.data.all_test().values() for t in members]
+    pairs = [p for name, c in ws.data.clients.items() for p in ws.encoder.encode(c.heldout, owner=name)]
+    return pairs, [t for c in ws.data.clients.values() for t in c.heldout]
+
+
+def run_correct(ws, run: str, untrained: dict, split: str = "test"):
+    """Per judged pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
     import torch
 
     from fedbiscuit.models.adapters import load_adapter_state
@@ -125,8 +141,8 @@ def run_correct(ws, run: str, untrained: dict):
     from fedbiscuit.selector.metrics import pair_correct
     from fedbiscuit.selector.training import score_pairs
 
-    ckpt, selectors, clusters, logged, local = final_selectors(run, untrained)
-    pairs = ws.test_pairs()
+    ckpt, selectors, clusters, logged, local = final_selectors(run, untrained, split)
+    pairs, texts = judged_pairs(ws, split)
     names = list(selectors)
     if len(names) == 1:
         chosen = [names[0]] * len(pairs)
@@ -150,8 +166,6 @@ def run_correct(ws, run: str, untrained: dict):
             ws.model, ws.encoder, judged, ws.choice_ids, ws.cfg.eval.batch_size, both_orders=True
         )
         p_ab[mine], p_ba[mine] = (ab, ba) if local else (ab[mine], ba[mine])
-    # the texts behind the token ids: test_pairs() encodes all_test() in this order
-    texts = [t for members in ws.data.all_test().values() for t in members]
     decided = [(p, t) for p, t in zip(pairs, texts, strict=True) if p.label != 0.5]
     correct = pair_correct(pairs, p_ab, p_ba)
     outcomes, seen = {}, Counter()
@@ -236,6 +250,12 @@ def main() -> None:
     )
     p.add_argument("--json", help="write the figures here too")
     p.add_argument("--no-cache", action="store_true", help="score every run again, even one scored before")
+    p.add_argument(
+        "--split",
+        choices=["test", "heldout"],
+        default="test",
+        help="heldout: the clients' held-out slices of the training split (for choosing settings)",
+    )
     args = p.parse_args()
     if not args.compare and not args.reuse:
         p.error("give at least one --compare or --reuse")
@@ -265,7 +285,9 @@ def main() -> None:
                 run = runs[i] = f"{UNTRAINED}@{key}"
             if run in outcomes:
                 continue
-            cached = cache_file(run.split("@")[0], key, cache_root(cfg.model))
+            # the split is part of the cache key (test keeps the key it always had)
+            where = key if args.split == "test" else f"{key}|{args.split}"
+            cached = cache_file(run.split("@")[0], where, cache_root(cfg.model))
             if cached.is_file() and not args.no_cache:
                 hit = json.loads(cached.read_text())
                 outcomes[run] = (
@@ -281,7 +303,9 @@ def main() -> None:
                     # the fresh adapter, before any load
                     workspace[key] = (ws, adapter_state(ws.model, SELECTOR))
                 ws, untrained = workspace[key]
-                ckpt, logged, got = outcomes[run] = run_correct(ws, run.split("@")[0], untrained)
+                ckpt, logged, got = outcomes[run] = run_correct(
+                    ws, run.split("@")[0], untrained, args.split
+                )
                 write_json(str(cached), {"checkpoint": str(ckpt), "logged": logged, "outcomes": got})
                 source = "scored"
             ckpt, logged, got = outcomes[run]

@@ -33,6 +33,7 @@ def _run(folder: Path, algorithm: str, seed: int) -> Path:
         fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2},
     )
     raw["data"]["max_eval_pairs_per_client"] = 12
+    raw["eval"]["heldout_every"] = 8  # the held-out agreement --split heldout checks itself against
     return Path(run_federated(config_from_dict(raw), quiet=True)["run_dir"])
 
 
@@ -199,3 +200,23 @@ def test_a_run_scored_once_is_read_from_the_cache_until_its_checkpoint_changes(r
     assert done.stdout.count("; scored)") == 1 and done.stdout.count("; from ") == 1
     done = _script(*args, "--no-cache", cache=cache)
     assert done.stdout.count("; scored)") == 2
+
+
+def test_heldout_split_judges_the_clients_heldout_slices_not_the_test_pairs(runs, tmp_path):
+    cache = tmp_path / "cache"
+    base, other = str(runs["fedbis", 0]), str(runs["fedbiscuit", 0])
+    out = tmp_path / "heldout.json"
+    done = _script("--split", "heldout", "--compare", base, other, "--json", str(out), cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (comp,) = json.loads(out.read_text())["comparisons"]
+    logged = [json.loads(x) for x in (runs["fedbis", 0] / "metrics.jsonl").read_text().splitlines()]
+    (held,) = [r for r in logged if r["event"] == "heldout" and r["round"] == 8]
+    n_held = held["selectors"]["selector-0"]["overall"]["n"]
+    assert comp["comparison"]["overall"]["n"] == n_held != 8 * 12
+    for run in comp["runs"]:  # scored again, the held-out agreement each run logged at its last round
+        assert run["agreement"] == pytest.approx(run["logged"], abs=1e-6)
+    # the same runs on the test split, from the same cache: scored apart, not read from the held-out entry
+    done = _script("--compare", base, other, "--json", str(out), cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scored" in done.stdout
+    assert json.loads(out.read_text())["comparisons"][0]["comparison"]["overall"]["n"] == 8 * 12
