@@ -26,6 +26,8 @@
 #   fedbiscuit_k4_grad_top1  fedbiscuit_k4_grad in the last block only at rank 64 (the speed target on the arm that wins)
 #   fedbis_ls4, fedbis_top1_ls4  fedbis / fedbis_top1 with 4 local steps a round and 4x the rounds (304): the same
 #               pairs shown and sequential steps, a quarter of the local drift between averagings (a client-drift remedy)
+#   fedbis_lr2  fedbis at twice the client rate (2e-3): a client's AdamW step on 2 pairs carries about half the
+#               signal of a centralized step on 8 where gradient noise dominates (fedbis_homogeneous.sh, a11)
 # Figures: BENCHMARKS.md, "Every HH pair, 16 clients"; compare with benchmarks/paired_runs.py.
 set -u
 cd "$(dirname "$0")/.."
@@ -57,6 +59,7 @@ for arm in "${arms[@]}"; do
     fedbiscuit_grad) fedbiscuit_arm fedbiscuit_grad 2 10 gradients ;;
     fedbiscuit_k4_grad) fedbiscuit_arm fedbiscuit_k4_grad 4 5 gradients ;;
     oracle) run all_oracle_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=oracle ;;
+    fedbis_lr2) run all_fedbis_lr2_s$seed configs/hh_fedbis.yaml "${seq[@]}" train.lr=2e-3 eval.heldout_every=76 ;;
     fedbis_ls4) run all_fedbis_ls4_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${ls4[@]}" ;;
     local) run all_local_s$seed configs/hh_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
     central_top2|fedbis_top2|central_top1|fedbis_top1|fedbis_top1_3ep|fedbis_top2_3ep|fedbiscuit_k4_grad_top1|fedbis_top1_ls4)
@@ -74,6 +77,6 @@ for arm in "${arms[@]}"; do
         fedbiscuit_k4_grad_top*) fedbiscuit_arm ${arm} 4 5 gradients "${top[@]}" ;;
         *) run all_${arm}_s$seed configs/hh_fedbis.yaml "${seq[@]}" "${top[@]}" ;;
       esac ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep fedbiscuit_k4_grad_top1 fedbis_ls4 fedbis_top1_ls4)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 fedbiscuit_upd fedbiscuit_k4_upd fedbiscuit_grad fedbiscuit_k4_grad oracle local fedbis_lr2 central_top2 fedbis_top2 central_top1 fedbis_top1 fedbis_top1_3ep fedbis_top2_3ep fedbiscuit_k4_grad_top1 fedbis_ls4 fedbis_top1_ls4)"; exit 2 ;;
   esac
 done

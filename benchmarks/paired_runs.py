@@ -95,7 +95,9 @@ def final_selectors(run: str, untrained: dict, split: str = "test"):
     event = "eval" if split == "test" else "heldout"
     evals = [r for r in records if r.get("event") == event]
     ckpt = final_checkpoint(run)
-    if ckpt.name == f"{SELECTOR}.safetensors":  # a centralized run: its "after" evaluation (held-out: last point)
+    if (
+        ckpt.name == f"{SELECTOR}.safetensors"
+    ):  # a centralized run: its "after" evaluation (held-out: last point)
         logged = (
             [r["overall"]["agreement"] for r in evals if r.get("stage") == "after"]
             if split == "test"
@@ -303,9 +305,7 @@ def main() -> None:
                     # the fresh adapter, before any load
                     workspace[key] = (ws, adapter_state(ws.model, SELECTOR))
                 ws, untrained = workspace[key]
-                ckpt, logged, got = outcomes[run] = run_correct(
-                    ws, run.split("@")[0], untrained, args.split
-                )
+                ckpt, logged, got = outcomes[run] = run_correct(ws, run.split("@")[0], untrained, args.split)
                 write_json(str(cached), {"checkpoint": str(ckpt), "logged": logged, "outcomes": got})
                 source = "scored"
             ckpt, logged, got = outcomes[run]
