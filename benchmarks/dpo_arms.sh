@@ -45,7 +45,9 @@ for arm in "${arms[@]}"; do
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi
       run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
-    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null ;;
+    # 16 rounds x 4 clients x 2 local steps x 4 pairs: the 512 pairs the selector arms' DPO shows (128 steps x 4)
+    # (the config's 8 rounds showed half; sequential steps: 32 against 128)
+    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 ;;
     *) echo "unknown arm $arm (central fedbis fedbiscuit feddpo fedsft)"; exit 2 ;;
   esac
 done
