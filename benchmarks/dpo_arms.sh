@@ -9,8 +9,8 @@
 # cached and shared across arms. Each writes runs/issue16/dpo_<arm>_s<SEED>/.
 #   central      labels from the centralized helpful-base selector (runs/issue18/hb_central, 66.0%)
 #   fedbis       labels from FedBis on helpful-base in 4 clients (runs/issue18/hb_a7_seq, 65.7%)
-#   fedbiscuit   labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients), trained first
-#                if runs/issue16/hbh_fedbiscuit is missing
+#   fedbiscuit   labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients, gradient
+#                grouping), trained first if runs/issue16/hbh_fedbiscuit is missing
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
 # Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
@@ -37,11 +37,15 @@ for arm in "${arms[@]}"; do
     central) run dpo_central_s$seed rlhf.selectors_from=runs/issue18/hb_central "${curve[@]}" ;;
     fedbis) run dpo_fedbis_s$seed rlhf.selectors_from=runs/issue18/hb_a7_seq "${curve[@]}" ;;
     fedbiscuit)
-      if [ ! -d $out/hbh_fedbiscuit ]; then   # the issue-18 recipe on the two groups of raters, K=2
+      # configs/hh_fedbiscuit.yaml (gradient grouping) with K=2 on the two groups of raters, 8 clients, all 8 a
+      # round: each selector's 4 clients take a7's steps (16 local steps x 2 pairs, 31 rounds). The earlier
+      # recipe here (2 clients a round, loss grouping) inherited the config's 2-pair batches, showed a quarter
+      # of the pairs and learned nothing (own cluster 51.4%; runs/issue16/hbh_fedbiscuit_batch2_failed)
+      if [ ! -d $out/hbh_fedbiscuit ]; then
         .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
-          federated.rounds=31 federated.clients_per_round=2 federated.eval_every=31 federated.checkpoint_every=10 \
-          federated.fedbiscuit.num_selectors=2 federated.fedbiscuit.grouping=loss \
-          federated.fedbiscuit.warmup_rounds=5 federated.fedbiscuit.regroup_every=5 train.warmup_steps=20 \
+          federated.rounds=31 federated.clients_per_round=8 federated.eval_every=31 federated.checkpoint_every=10 \
+          federated.fedbiscuit.num_selectors=2 federated.fedbiscuit.warmup_rounds=5 \
+          federated.fedbiscuit.regroup_every=10 train.warmup_steps=50 \
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi
       run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
