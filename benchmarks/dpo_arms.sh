@@ -11,6 +11,9 @@
 #   fedbis       labels from FedBis on helpful-base in 4 clients (runs/issue18/hb_a7_seq, 65.7%)
 #   fedbiscuit   labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients, gradient
 #                grouping), trained first if runs/issue16/hbh_fedbiscuit is missing
+#   fedbiscuit_k4  labels from the vote of FedBiscuit K=4's selectors on every HH pair (16 clients, gradient
+#                grouping: runs/issue18/all_fedbiscuit_k4_grad_s0, own cluster 59.9%, helpful-base 63.1%): the
+#                FedBiscuit whose grouping found the raters (hbh_fedbiscuit's K=2 did not: 48.9%, BENCHMARKS.md)
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
 # Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
@@ -49,9 +52,10 @@ for arm in "${arms[@]}"; do
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi
       run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
+    fedbiscuit_k4) run dpo_fedbiscuit_k4_s$seed rlhf.selectors_from=runs/issue18/all_fedbiscuit_k4_grad_s0 "${curve[@]}" ;;
     # 16 rounds x 4 clients x 2 local steps x 4 pairs: the 512 pairs the selector arms' DPO shows (128 steps x 4)
     # (the config's 8 rounds showed half; sequential steps: 32 against 128)
     feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit feddpo fedsft)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 feddpo fedsft)"; exit 2 ;;
   esac
 done
