@@ -258,21 +258,21 @@ class RoundLoop:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, state: ServerState, round_: int) -> dict | None:
-        if self.evaluator is None:
-            return None  # e.g. a Flower server without the evaluation split
-        start = time.perf_counter()
-        report = self.evaluator(state, round_)
-        report["seconds"] = time.perf_counter() - start
-        self.run.log({"event": "eval", "round": round_, **report})
-        return report
+        # None: e.g. a Flower server without the evaluation split
+        return self._timed_report(self.evaluator, "eval", state, round_)
 
     def evaluate_heldout(self, state: ServerState, round_: int) -> dict | None:
-        if self.heldout_evaluator is None:
+        return self._timed_report(self.heldout_evaluator, "heldout", state, round_)
+
+    def _timed_report(
+        self, evaluator: Evaluator | None, event: str, state: ServerState, round_: int
+    ) -> dict | None:
+        if evaluator is None:
             return None
         start = time.perf_counter()
-        report = self.heldout_evaluator(state, round_)
+        report = evaluator(state, round_)
         report["seconds"] = time.perf_counter() - start
-        self.run.log({"event": "heldout", "round": round_, **report})
+        self.run.log({"event": event, "round": round_, **report})
         return report
 
     # ---------------------------------------------------------------- one round's replies
