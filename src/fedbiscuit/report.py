@@ -134,6 +134,15 @@ def summarize(run_dir: Path) -> dict:
         if h:
             x = r.get("round", 0 if r.get("stage") == "before" else None)
             curve.append((x, h[1]["agreement"], h[0], h[1]))
+    # federated runs' agreement on the clients' held-out slices of the training split (eval.heldout_every: what
+    # settings are tuned on), by round; a centralized run's held-out points count optimizer steps, not rounds
+    heldout = []
+    for r in records:
+        h = headline(r) if r["event"] == "heldout" and "round" in r else None
+        if h:
+            heldout.append(
+                (r["round"], h[1]["agreement"], *_nan(h[1].get("ci95") or (None, None)), h[1]["n"])
+            )
     groupings = [r for r in records if r["event"] == "grouping"]
     rounds = [r for r in records if r["event"] == "round"]
     last = curve[-1] if curve else None
@@ -148,6 +157,7 @@ def summarize(run_dir: Path) -> dict:
         "band": [(x, *_nan(o.get("ci95") or (None, None))) for x, _, _, o in curve if x is not None],
         "final": last,
         "first": curve[0] if curve else None,
+        "heldout": heldout,
         "groupings": groupings,
         "rounds": len(rounds),
         "round_seconds": sum(r["seconds"] for r in rounds),
@@ -430,13 +440,29 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
             ax.annotate(
                 f"untrained {100 * ys[0]:.1f}%", (xs[-1], 100 * ys[0]), fontsize=7, ha="right", va="bottom"
             )
+    for run in runs:  # the held-out slices, dashed in the colour of the run's test-split line
+        if not run["heldout"]:
+            continue
+        colour = next((ln.get_color() for ln in ax.get_lines() if ln.get_label() == run["name"]), None)
+        xs, ys, lo, hi, _ = zip(*run["heldout"], strict=True)
+        ax.plot(
+            xs,
+            [100 * y for y in ys],
+            ls="--",
+            marker="s",
+            ms=4,
+            color=colour,
+            label=f"{run['name']} (held-out)",
+        )
+        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=colour, alpha=0.08)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.annotate("chance", (ax.get_xlim()[0], 50), fontsize=7, va="bottom")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         xlabel="round (0: untrained)",
         ylabel="agreement with human labels (%)",
-        title="selector agreement on the evaluation split (band: 95% interval)",
+        title="selector agreement (band: 95% interval)\n"
+        "solid: evaluation split; dashed: held-out slices of the training split",
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -491,28 +517,32 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     lines = [
         "# Run summary",
         "",
-        "| run | rounds | start | final | A\\|B | B\\|A | Brier | measured by | purity | left out |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | rounds | start | final | A\\|B | B\\|A | Brier | measured by | held-out | purity | left out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         f, first = run["final"], run["first"]
         if f is None:
             lines.append(
-                f"| {run['name']} | {run['rounds']} | - | - | - | - | - | no evaluation yet | - | - |"
+                f"| {run['name']} | {run['rounds']} | - | - | - | - | - | no evaluation yet | - | - | - |"
             )
             continue
         o = f[3]
         last = run["groupings"][-1]["assignment"] if run["groupings"] else None
         pur = f"{_pct(purity(last))} (p {chance_probability(last, draws=2_000):.2g})" if last else "-"
+        held = run["heldout"][-1] if run["heldout"] else None
+        held_cell = f"{_pct(held[1])} (round {held[0]}, n {held[4]})" if held else "-"
         lines.append(
             f"| {run['name']} | {run['rounds']} | {'-' if first is f else _pct(first[1])} | {_pct(o['agreement'])} | "
             f"{_pct(o.get('agreement_ab'))} "
-            f"| {_pct(o.get('agreement_ba'))} | {o['brier']:.3f} | {f[2]} | {pur} | {run['rejected']} |"
+            f"| {_pct(o.get('agreement_ba'))} | {o['brier']:.3f} | {f[2]} | {held_cell} | {pur} | {run['rejected']} |"
         )
     lines += [
         "",
         "Agreement averages both presentation orders (A|B and B|A are each order alone); 50% is chance.",
         "'measured by': the client's own cluster selector (FedBiscuit, local), the vote, or the single selector.",
+        "Held-out: the same figure on the clients' held-out slices of the training split (eval.heldout_every), the",
+        "pairs settings are chosen on; the evaluation split only reports.",
         "Purity: share of clients whose cluster's majority natural client id (the name before '#') is their own;",
         "p: how often clusters of the same sizes filled at random are at least as pure (2,000 draws).",
         "",

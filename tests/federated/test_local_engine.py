@@ -526,6 +526,29 @@ def test_heldout_agreement_is_logged_on_the_clients_heldout_slices(tmp_path):
     assert overall[-1]["agreement"] > overall[0]["agreement"] + 0.2
 
 
+def test_the_report_plots_and_tables_the_heldout_curve(tmp_path):
+    from fedbiscuit.report import summarize, write_report
+
+    raw = make_cfg(tmp_path, "held", rounds=4, local_steps=2)
+    raw["eval"].update(before_training=True, heldout_every=3)
+    run_dir = Path(run_federated(config_from_dict(raw), quiet=True)["run_dir"])
+    held = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    held = [e["selectors"]["selector-0"]["overall"] for e in held if e["event"] == "heldout"]
+    curve = summarize(run_dir)["heldout"]
+    assert [p[0] for p in curve] == [0, 3, 4]  # rounds, as logged
+    assert [p[1] for p in curve] == [o["agreement"] for o in held]
+    assert [p[2:] for p in curve] == [(*o["ci95"], o["n"]) for o in held]
+    text = write_report([run_dir], tmp_path / "rep").read_text()
+    assert f"| {100 * held[-1]['agreement']:.1f}% (round 4, n {held[-1]['n']}) |" in text
+    # a run without held-out events gets a dash in that column
+    bare = Path(run_federated(config_from_dict(make_cfg(tmp_path, "bare", rounds=2)), quiet=True)["run_dir"])
+    assert summarize(bare)["heldout"] == []
+    row = next(
+        r for r in write_report([bare], tmp_path / "rep2").read_text().splitlines() if r.startswith("| bare")
+    )
+    assert row.split("|")[9].strip() == "-"
+
+
 def test_heldout_agreement_needs_heldout_slices_and_the_local_engine(tmp_path):
     from fedbiscuit.flower.server_app import check_flower_config
 
