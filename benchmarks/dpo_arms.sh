@@ -14,9 +14,14 @@
 #   fedbiscuit_k4  labels from the vote of FedBiscuit K=4's selectors on every HH pair (16 clients, gradient
 #                grouping: runs/issue18/all_fedbiscuit_k4_grad_s0, own cluster 59.9%, helpful-base 63.1%): the
 #                FedBiscuit whose grouping found the raters (hbh_fedbiscuit's K=2 did not: 48.9%, BENCHMARKS.md)
+#   fedbiscuit_k2loss  labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients) with the
+#                recipe that split those two groups in session 6 (loss grouping every 5 rounds, 2 clients a round x
+#                16 local steps x 8 pairs, 31 rounds, constant rate): an independent labeller (no gold-judge
+#                raters), trained first if runs/issue16/hbh_fedbiscuit_k2loss is missing
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
 # Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
+# TRAIN_ONLY=1: a labeller arm that trains its selectors first stops after training them.
 # Sizes: PROMPTS=256 EVAL=320 by default (environment). CURVE=N: the selector arms also draw the over-optimization
 # curve, the policy kept every N DPO steps and judged by the gold judge and by its labelling selectors
 # (rlhf.curve_every; each point one more generation over the EVAL prompts).
@@ -52,10 +57,20 @@ for arm in "${arms[@]}"; do
           name=hbh_fedbiscuit seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit.log 2>&1
       fi
       run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
+    fedbiscuit_k2loss)
+      if [ ! -d $out/hbh_fedbiscuit_k2loss ]; then
+        /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
+          federated.rounds=31 federated.clients_per_round=2 federated.local_steps=16 train.batch_size=8 \
+          train.schedule=constant train.warmup_steps=0 federated.eval_every=31 federated.checkpoint_every=10 \
+          eval.heldout_every=10 federated.fedbiscuit.num_selectors=2 federated.fedbiscuit.warmup_rounds=5 \
+          federated.fedbiscuit.regroup_every=5 federated.fedbiscuit.grouping=loss \
+          name=hbh_fedbiscuit_k2loss seed=0 output_dir=$out --quiet --overwrite > $out/hbh_fedbiscuit_k2loss.log 2>&1
+      fi
+      [ "${TRAIN_ONLY:-0}" = 1 ] || run dpo_fedbiscuit_k2loss_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit_k2loss "${curve[@]}" ;;
     fedbiscuit_k4) run dpo_fedbiscuit_k4_s$seed rlhf.selectors_from=runs/issue18/all_fedbiscuit_k4_grad_s0 "${curve[@]}" ;;
     # 16 rounds x 4 clients x 2 local steps x 4 pairs: the 512 pairs the selector arms' DPO shows (128 steps x 4)
     # (the config's 8 rounds showed half; sequential steps: 32 against 128)
     feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k4 feddpo fedsft)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k2loss fedbiscuit_k4 feddpo fedsft)"; exit 2 ;;
   esac
 done
