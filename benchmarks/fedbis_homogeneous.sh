@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 c0;
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 a13 a14 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
 # Figures: BENCHMARKS.md, "Homogeneous raters". The centralized reference: fedbiscuit run configs/hh_centralized.yaml
 # name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
@@ -37,6 +37,13 @@ arm() {
     # (the square-root rule for Adam, Malladi et al. 2022) restores the signal; 1.4x is the midpoint.
     a11) run hb_a11_seq_lr2 train.batch_size=2 federated.local_steps=16 train.lr=2e-3 ;;
     a12) run hb_a12_seq_lr14 train.batch_size=2 federated.local_steps=16 train.lr=1.4e-3 ;;
+    # a7 with a server optimizer (Reddi et al. 2021) on the round's mean change, at the rule of thumb the config
+    # gives (train.lr x local_steps = 0.016: a round's travel of a coordinate the clients agree on), not tuned;
+    # betas (0.9, 0.99), tau 1e-3: coordinates whose change flips sign from round to round (noise) move less
+    a13) run hb_a13_seq_adam train.batch_size=2 federated.local_steps=16 federated.server_optimizer.name=adam \
+           federated.server_optimizer.lr=0.016 ;;
+    a14) run hb_a14_seq_yogi train.batch_size=2 federated.local_steps=16 federated.server_optimizer.name=yogi \
+           federated.server_optimizer.lr=0.016 ;;
     # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
     c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central$sfx \
           seed=$seed "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central$sfx.log 2>&1
