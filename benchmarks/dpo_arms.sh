@@ -70,7 +70,8 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4) run dpo_fedbiscuit_k4_s$seed rlhf.selectors_from=runs/issue18/all_fedbiscuit_k4_grad_s0 "${curve[@]}" ;;
     # 16 rounds x 4 clients x 2 local steps x 4 pairs: the 512 pairs the selector arms' DPO shows (128 steps x 4)
     # (the config's 8 rounds showed half; sequential steps: 32 against 128)
-    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 ;;
+    # (rlhf.dpo.epochs=1, the default: a baseline's length is its rounds, and the config's 2 is refused there)
+    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 rlhf.dpo.epochs=1 ;;
     *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k2loss fedbiscuit_k4 feddpo fedsft)"; exit 2 ;;
   esac
 done

@@ -170,3 +170,157 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
         FedBiscuitConfig(grouping="gradients", grouping_pairs=8)
     assert FedBiscuitConfig(grouping="gradients", gradient_pairs=32).gradient_pairs == 32
     assert FedBiscuitConfig(grouping="loss", grouping_pairs=8).grouping_pairs == 8
+
+
+@pytest.mark.parametrize(
+    ("base", "override", "needle"),
+    [
+        # FedBiscuit's settings with another algorithm
+        (
+            {"pipeline": "federated"},
+            "federated.fedbiscuit.num_selectors=3",
+            r"fedbiscuit.num_selectors is set, but federated.algorithm=fedbis",
+        ),
+        (
+            {"pipeline": "federated", "federated": {"algorithm": "oracle"}},
+            "federated.fedbiscuit.warmup_rounds=2",
+            r"algorithm=oracle has no clusters",
+        ),
+        # the loss rule's assignment with a direction-clustering rule
+        (
+            {
+                "pipeline": "federated",
+                "federated": {"algorithm": "fedbiscuit", "fedbiscuit": {"grouping": "gradients"}},
+            },
+            "federated.fedbiscuit.assignment=greedy",
+            r"assignment=greedy assigns clients by held-out loss",
+        ),
+        # phase 2's settings without phase 2
+        ({"pipeline": "federated"}, "rlhf.num_prompts=8", r"rlhf.num_prompts is set, but pipeline=federated"),
+        ({"pipeline": "centralized"}, "rlhf.judge.kind=hf", r"rlhf.judge is set, but pipeline=centralized"),
+        # one order only: the centralized pipeline's option
+        (
+            {"pipeline": "federated"},
+            "eval.swap_average=false",
+            r"eval.swap_average=false: federated and phase-1",
+        ),
+        # the baselines on the clients' own pairs
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.selectors_from=runs/x",
+            r"rlhf.selectors_from is read by method=selectors only",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            "federated.algorithm=fedbiscuit",
+            r"federated.algorithm=fedbiscuit: rlhf.method=fedsft",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.mode=iterative",
+            r"rlhf.mode=iterative: rlhf.method=feddpo",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.dpo.epochs=2",
+            r"rlhf.dpo.epochs=2.0 does nothing.*set rlhf.dpo.epochs=1",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.dpo.log_every=2",
+            r"rlhf.dpo.log_every=2 does nothing",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            "rlhf.dpo.beta=0.5",
+            r"rlhf.dpo.beta=0.5 does nothing.*SFT has no preference loss",
+        ),
+        # a judge's settings for another kind of judge
+        (
+            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "phase1"}}},
+            "rlhf.judge.model=gpt-4o",
+            r"rlhf.judge.model='gpt-4o' is read by judge.kind=hf or openai only",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}},
+            "rlhf.judge.url=http://x",
+            r"rlhf.judge.url='http://x' is read by judge.kind=openai only",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}},
+            "rlhf.judge.timeout_s=5",
+            r"rlhf.judge.timeout_s=5.0 is read by judge.kind=openai",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "openai"}}},
+            "rlhf.judge.template=dialogue",
+            r"rlhf.judge.template='dialogue' is read by judge.kind=selector or hf",
+        ),
+        # a partition method's settings under another method
+        (
+            {},
+            "data.partition.alpha=0.5",
+            r"partition.alpha=0.5 applies to partition.method=dirichlet, not natural",
+        ),
+        (
+            {"data": {"source": "hh_rlhf", "partition": {"method": "iid", "num_clients": 4}}},
+            "data.partition.split_each=2",
+            r"partition.split_each=2 applies to partition.method=natural, not iid",
+        ),
+        ({}, "data.partition.num_clients=4", r"partition.num_clients=4: method=natural"),
+        # stores and files of another path or model
+        ({}, "selector.cache_dir=/tmp/x", r"selector.cache_dir='/tmp/x' is the cached path's store"),
+        ({}, "model.gguf_file=m.gguf", r"model.gguf_file='m.gguf' names a GGUF.*name_or_path=embedded"),
+    ],
+)
+def test_settings_another_mode_reads_are_refused_not_ignored(tmp_path, base, override, needle):
+    """A setting read only by another pipeline, algorithm, method, judge or partition is an error naming it."""
+    raw = {"data": {"source": "hh_rlhf"}, **base}
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path, [override])
+    # the same section at its defaults (as a run folder's config.yaml names every key) still loads
+    assert load_config(path).name == "c"
+
+
+def test_settings_are_accepted_where_they_are_read(tmp_path):
+    fb = _write(
+        tmp_path,
+        {"data": {"source": "hh_rlhf"}, "pipeline": "federated", "federated": {"algorithm": "fedbiscuit"}},
+    )
+    assert load_config(fb, ["federated.fedbiscuit.num_selectors=3"]).federated.fedbiscuit.num_selectors == 3
+    assert (
+        load_config(fb, ["federated.fedbiscuit.assignment=greedy"]).federated.fedbiscuit.assignment
+        == "greedy"
+    )
+    central = _write(tmp_path, {"data": {"source": "hh_rlhf"}})
+    assert load_config(central, ["eval.swap_average=false"]).eval.swap_average is False
+    assert (
+        load_config(
+            central,
+            ["data.partition.method=dirichlet", "data.partition.num_clients=4", "data.partition.alpha=0.5"],
+        ).data.partition.alpha
+        == 0.5
+    )
+    assert (
+        load_config(
+            central, ["selector.path=cached", "model.lora.top_layers=2", "selector.cache_dir=/tmp/x"]
+        ).selector.cache_dir
+        == "/tmp/x"
+    )
+    rl = _write(
+        tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "rlhf", "rlhf": {"judge": {"kind": "openai"}}}
+    )
+    cfg = load_config(rl, ["rlhf.judge.model=gpt-4o", "rlhf.judge.url=http://x", "rlhf.judge.timeout_s=5"])
+    assert (cfg.rlhf.judge.model, cfg.rlhf.judge.timeout_s) == ("gpt-4o", 5.0)
+    dpo = load_config(
+        rl,
+        [
+            "rlhf.method=feddpo",
+            "rlhf.judge.kind=hf",
+            "rlhf.judge.model=null",
+            "rlhf.judge.url=null",
+            "rlhf.dpo.beta=0.5",
+        ],
+    )
+    assert dpo.rlhf.dpo.beta == 0.5  # FedDPO reads beta

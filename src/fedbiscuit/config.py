@@ -23,6 +23,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _changed(section: BaseModel, keys: list[str] | None = None) -> list[str]:
+    """The keys of ``section`` (all, or those named) whose values differ from the field defaults: what a user
+    set. Values, not keys given: a run folder's config.yaml names every key at its default, and must reload."""
+    fields = type(section).model_fields
+    return [
+        k
+        for k in (keys or list(fields))
+        if getattr(section, k) != fields[k].get_default(call_default_factory=True)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -47,6 +58,23 @@ class PartitionConfig(_Section):
     def _needs_num_clients(self) -> PartitionConfig:
         if self.method in ("iid", "dirichlet") and self.num_clients is None:
             raise ValueError(f"partition.method={self.method!r} needs partition.num_clients")
+        # each setting belongs to one method; set for another it would be ignored
+        owner = {
+            "alpha": "dirichlet",
+            "min_partition_size": "dirichlet",
+            "split_each": "natural",
+            "merge_below": "natural",
+        }
+        for key in _changed(self, list(owner)):
+            if owner[key] != self.method:
+                raise ValueError(
+                    f"partition.{key}={getattr(self, key)} applies to partition.method={owner[key]}, not {self.method}"
+                )
+        if self.method == "natural" and self.num_clients is not None:
+            raise ValueError(
+                f"partition.num_clients={self.num_clients}: method=natural makes one client per natural id "
+                "(cut with split_each); num_clients is for iid and dirichlet"
+            )
         return self
 
 
@@ -379,6 +407,11 @@ class FedBiscuitConfig(_Section):
                 f"federated.fedbiscuit.grouping_pairs={self.grouping_pairs} caps the held-out pairs scored by "
                 f"grouping=loss; grouping={self.grouping} scores none: leave it unset"
             )
+        if self.grouping != "loss" and self.assignment != "optimal":
+            raise ValueError(
+                f"federated.fedbiscuit.assignment={self.assignment} assigns clients by held-out loss (grouping=loss); "
+                f"grouping={self.grouping} clusters update directions with balanced k-means: leave it unset"
+            )
         if self.grouping != "gradients" and self.gradient_pairs != 64:
             raise ValueError(
                 f"federated.fedbiscuit.gradient_pairs={self.gradient_pairs} applies to grouping=gradients; "
@@ -684,6 +717,76 @@ class RunConfig(_Section):
                 f"federated.{key} is set, but pipeline=centralized trains one selector on everybody's pairs for "
                 "train.steps or train.epochs and has no rounds: remove the federated section (or use "
                 "pipeline=federated with federated.algorithm=centralized for the same data as one client)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _settings_of_other_modes(self) -> RunConfig:
+        """Settings read only in another pipeline, algorithm, method or judge are errors, not silent no-ops."""
+        fed, rl, judge = self.federated, self.rlhf, self.rlhf.judge
+        changed = _changed(fed.fedbiscuit)
+        if changed and self.pipeline != "centralized" and fed.algorithm != "fedbiscuit":
+            raise ValueError(
+                f"federated.fedbiscuit.{changed[0]} is set, but federated.algorithm={fed.algorithm} has no "
+                "clusters to warm up or regroup: remove the fedbiscuit section or set algorithm=fedbiscuit"
+            )
+        changed = _changed(rl)
+        if changed and self.pipeline != "rlhf":
+            raise ValueError(
+                f"rlhf.{changed[0]} is set, but pipeline={self.pipeline} trains selectors only (phase 1): remove the "
+                "rlhf section or set pipeline=rlhf"
+            )
+        if not self.eval.swap_average and self.pipeline != "centralized":
+            raise ValueError(
+                "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report "
+                "each order beside their mean (A|B, B|A); only pipeline=centralized can score one order"
+            )
+        if self.pipeline == "rlhf" and rl.method != "selectors":
+            baseline = f"rlhf.method={rl.method} (a baseline on the clients' own pairs, federated as FedBis)"
+            if rl.selectors_from:
+                raise ValueError(
+                    f"rlhf.selectors_from is read by method=selectors only; {baseline} uses no selectors"
+                )
+            if fed.algorithm != "fedbis":
+                raise ValueError(
+                    f"federated.algorithm={fed.algorithm}: {baseline} averages one policy adapter"
+                )
+            if rl.mode != "offline":
+                raise ValueError(f"rlhf.mode={rl.mode}: {baseline} generates nothing to regenerate")
+            why = {
+                "epochs": "its length is federated.rounds x federated.local_steps (set rlhf.dpo.epochs=1)",
+                "log_every": "its clients log their DPO loss once a round (leave it at 5)",
+                "beta": "SFT has no preference loss",
+                "loss": "SFT has no preference loss",
+            }
+            for key in _changed(
+                rl.dpo, ["epochs", "log_every"] + (["beta", "loss"] if rl.method == "fedsft" else [])
+            ):
+                raise ValueError(
+                    f"rlhf.dpo.{key}={getattr(rl.dpo, key)} does nothing with {baseline}: {why[key]}"
+                )
+        owner = {
+            "model": ("hf", "openai"),
+            "url": ("openai",),
+            "api_key_env": ("openai",),
+            "timeout_s": ("openai",),
+            "template": ("selector", "hf"),
+        }
+        for key in _changed(judge, list(owner)):
+            if self.pipeline == "rlhf" and judge.kind not in owner[key]:
+                raise ValueError(
+                    f"rlhf.judge.{key}={getattr(judge, key)!r} is read by judge.kind={' or '.join(owner[key])} only "
+                    f"(this judge is kind={judge.kind})"
+                )
+        if self.selector.cache_dir is not None and self.selector.path != "cached":
+            raise ValueError(
+                f"selector.cache_dir={self.selector.cache_dir!r} is the cached path's store; selector.path=full "
+                "caches nothing (set selector.path=cached, or leave cache_dir unset)"
+            )
+        if self.model.gguf_file is not None and self.model.name_or_path in ("embedded", "tiny"):
+            raise ValueError(
+                f"model.gguf_file={self.model.gguf_file!r} names a GGUF inside model.name_or_path's folder; "
+                f"name_or_path={self.model.name_or_path} brings its own model"
             )
         return self
 
