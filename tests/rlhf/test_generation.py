@@ -56,6 +56,15 @@ def test_cache_key_follows_the_weights_not_the_name(tiny):
                 p.add_(0.01)
     assert weights_fingerprint(model, "policy") != policy_fp  # retrained adapter, same name: new key
     assert weights_fingerprint(model, None) == base_fp  # the base did not change
+    # other adapters wrap other layers (peft renames their weights) but leave the base as it is: same key
+    other = add_adapter(
+        copy.deepcopy(model),
+        "selector-0",
+        LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["k_proj", "o_proj"]),
+    )
+    assert any(".k_proj.base_layer." in n for n, _ in other.named_parameters())
+    assert weights_fingerprint(other, None) == base_fp
+    assert weights_fingerprint(other, "policy") == weights_fingerprint(model, "policy")
     k = cache_key(base_fp, ["a"], cfg, 0, 2)
     assert k != cache_key(base_fp, ["b"], cfg, 0, 2)
     assert k != cache_key(base_fp, ["a"], cfg.model_copy(update={"temperature": 0.3}), 0, 2)

@@ -142,6 +142,10 @@ def _digest(named) -> str:
     return h.hexdigest()
 
 
+def _unwrapped(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 def weights_fingerprint(model, adapter: str | None) -> str:
     """A hash of every tensor generation uses: the base weights and, if given, that adapter's LoRA weights.
 
@@ -149,7 +153,10 @@ def weights_fingerprint(model, adapter: str | None) -> str:
     written in place (each tensor's storage pointer and version counter say so): hashing them means copying
     every weight to the CPU, gigabytes for a 2B model, on every sampling call otherwise."""
     params = sorted(model.named_parameters(), key=lambda kv: kv[0])
-    base = [(n, p) for n, p in params if "lora_" not in n]
+    # a base tensor by the name it has without adapters: peft renames a wrapped layer's weight to
+    # ".base_layer.weight", and which layers are wrapped depends on the adapters loaded (a selectors run holds
+    # the selectors' and the policy's, a FedDPO run the policy's only), which do not change what the base generates
+    base = [(_unwrapped(n), p) for n, p in params if "lora_" not in n]
     lora = [(n, p) for n, p in params if "lora_" in n and adapter is not None and f".{adapter}." in n + "."]
     state = tuple((n, p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device) for n, p in base)
     cached = model.__dict__.get("_fedbiscuit_base_fingerprint")
