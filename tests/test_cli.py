@@ -48,7 +48,7 @@ def config(tmp_path, hh_root):
                     "device": "cpu",
                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                 },
-                "train": {"lr": 1e-3, "steps": 4, "batch_size": 4, "log_every": 2},
+                "train": {"lr": 1e-3, "steps": 4, "batch_size": 4},
             }
         )
     )

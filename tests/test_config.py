@@ -268,6 +268,11 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
             r"partition.split_each=2 applies to partition.method=natural, not iid",
         ),
         ({}, "data.partition.num_clients=4", r"partition.num_clients=4: method=natural"),
+        (
+            {"pipeline": "federated"},
+            "train.log_every=2",
+            r"train.log_every=2 sets a centralized run's loss history",
+        ),
         # stores and files of another path or model
         ({}, "selector.cache_dir=/tmp/x", r"selector.cache_dir='/tmp/x' is the cached path's store"),
         ({}, "model.gguf_file=m.gguf", r"model.gguf_file='m.gguf' names a GGUF.*name_or_path=embedded"),

@@ -778,6 +778,11 @@ class RunConfig(_Section):
                     f"rlhf.judge.{key}={getattr(judge, key)!r} is read by judge.kind={' or '.join(owner[key])} only "
                     f"(this judge is kind={judge.kind})"
                 )
+        if self.pipeline != "centralized" and _changed(self.train, ["log_every"]):
+            raise ValueError(
+                f"train.log_every={self.train.log_every} sets a centralized run's loss history; federated clients "
+                "report their loss once a round (the metrics' round events): leave it unset"
+            )
         if self.selector.cache_dir is not None and self.selector.path != "cached":
             raise ValueError(
                 f"selector.cache_dir={self.selector.cache_dir!r} is the cached path's store; selector.path=full "
