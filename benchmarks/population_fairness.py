@@ -51,7 +51,12 @@ def run(algorithm: str, seed: int, args) -> dict:
         eval_every=args.rounds,
         checkpoint_every=args.rounds,
         personalize_steps=args.steps if algorithm == "fedbis" else 0,
-        fedbiscuit={"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2},
+        # FedBiscuit's settings only where they are read (config.py refuses them with another algorithm)
+        **(
+            {"fedbiscuit": {"num_selectors": 2, "warmup_rounds": 2, "regroup_every": 2}}
+            if algorithm == "fedbiscuit"
+            else {}
+        ),
     )
     raw["data"]["unseen_clients"] = args.unseen
     raw["data"]["max_eval_pairs_per_client"] = 12

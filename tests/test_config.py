@@ -235,6 +235,21 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
             "rlhf.dpo.beta=0.5",
             r"rlhf.dpo.beta=0.5 does nothing.*SFT has no preference loss",
         ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.best_of_n=8",
+            r"rlhf.best_of_n=8: the best-of-n probe",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            "rlhf.generation.num_candidates=4",
+            r"rlhf.generation.num_candidates does nothing",
+        ),
+        (
+            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            "rlhf.swap_average=false",
+            r"rlhf.swap_average does nothing",
+        ),
         # a judge's settings for another kind of judge
         (
             {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "phase1"}}},
@@ -329,3 +344,16 @@ def test_settings_are_accepted_where_they_are_read(tmp_path):
         ],
     )
     assert dpo.rlhf.dpo.beta == 0.5  # FedDPO reads beta
+    assert (
+        load_config(
+            rl,
+            [
+                "rlhf.method=feddpo",
+                "rlhf.judge.kind=hf",
+                "rlhf.judge.model=null",
+                "rlhf.judge.url=null",
+                "rlhf.best_of_n=0",
+            ],
+        ).rlhf.best_of_n
+        == 0
+    )  # off: what it does

@@ -753,6 +753,17 @@ class RunConfig(_Section):
                 )
             if rl.mode != "offline":
                 raise ValueError(f"rlhf.mode={rl.mode}: {baseline} generates nothing to regenerate")
+            if rl.best_of_n not in (0, RLHFConfig.model_fields["best_of_n"].default):
+                raise ValueError(
+                    f"rlhf.best_of_n={rl.best_of_n}: the best-of-n probe picks with the labelling selectors, which "
+                    f"{baseline} has none of (set rlhf.best_of_n=0)"
+                )
+            for key in _changed(rl, ["swap_average"]) + [
+                f"generation.{k}" for k in _changed(rl.generation, ["num_candidates"])
+            ]:
+                raise ValueError(
+                    f"rlhf.{key} does nothing with {baseline}: it samples no candidates to label"
+                )
             why = {
                 "epochs": "its length is federated.rounds x federated.local_steps (set rlhf.dpo.epochs=1)",
                 "log_every": "its clients log their DPO loss once a round (leave it at 5)",

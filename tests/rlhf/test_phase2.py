@@ -13,7 +13,12 @@ from fedbiscuit.runner import run
 from fedbiscuit.runs import read_records
 
 
-def rlhf_config(tmp_path, name="rl", algorithm="fedbiscuit", **rlhf):
+def rlhf_config(tmp_path, name="rl", algorithm=None, **rlhf):
+    # the FedDPO / FedSFT baselines train one policy as FedBis does and sample no candidates: the settings of
+    # FedBiscuit and of the candidates and DPO log would be refused there (config.py)
+    baseline = rlhf.get("method") in ("feddpo", "fedsft")
+    algorithm = algorithm or ("fedbis" if baseline else "fedbiscuit")
+    fedbiscuit = {"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2, "grouping_pairs": 4}
     raw = planted_run_config(
         tmp_path,
         name,
@@ -21,15 +26,24 @@ def rlhf_config(tmp_path, name="rl", algorithm="fedbiscuit", **rlhf):
         rounds=4,
         clients_per_round=2,
         local_steps=1,
-        fedbiscuit={"num_selectors": 2, "warmup_rounds": 1, "regroup_every": 2, "grouping_pairs": 4},
+        **({"fedbiscuit": fedbiscuit} if algorithm == "fedbiscuit" else {}),
     )
     raw["pipeline"] = "rlhf"
     raw["model"]["cache_dir"] = str(tmp_path / "cache")
     raw["rlhf"] = {
         "num_prompts": 6,
         "eval_prompts": 4,
-        "generation": {"num_candidates": 3, "max_new_tokens": 8, "max_prompt_length": 48},
-        "dpo": {"batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "log_every": 1},
+        "generation": {
+            "max_new_tokens": 8,
+            "max_prompt_length": 48,
+            **({} if baseline else {"num_candidates": 3}),
+        },
+        "dpo": {
+            "batch_size": 2,
+            "lr": 1e-3,
+            "lora": {"r": 4, "alpha": 8},
+            **({} if baseline else {"log_every": 1}),
+        },
         "best_of_n": 4,
         "best_of_n_prompts": 3,
         "judge": {"kind": "phase1"},  # by name: the test runs have no independent judge
@@ -126,6 +140,9 @@ def test_the_curve_along_dpo_judges_the_kept_policies_by_judge_and_selectors(tmp
 def test_selectors_from_a_finished_federated_run(tmp_path):
     raw = rlhf_config(tmp_path, name="fed", algorithm="fedbis")
     raw["pipeline"] = "federated"
+    with pytest.raises(ConfigError, match=r"rlhf.num_prompts is set, but pipeline=federated"):
+        config_from_dict(raw, "test")  # phase 2's settings in a phase-1 run would be ignored
+    del raw["rlhf"]
     run(config_from_dict(raw, "test"), quiet=True)
     raw = rlhf_config(tmp_path, name="rl2", selectors_from=str(tmp_path / "runs" / "fed"), best_of_n=0)
     out = run(config_from_dict(raw, "test"), quiet=True)
