@@ -172,6 +172,15 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
     assert FedBiscuitConfig(grouping="loss", grouping_pairs=8).grouping_pairs == 8
 
 
+# the phase-2 baselines on the clients' own pairs, judged by the base model (kind=phase1 needs phase-1 selectors)
+FEDDPO = {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}}
+FEDSFT = {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}}
+
+
+def _judged_by(kind: str) -> dict:
+    return {"pipeline": "rlhf", "rlhf": {"judge": {"kind": kind}}}
+
+
 @pytest.mark.parametrize(
     ("base", "override", "needle"),
     [
@@ -206,68 +215,68 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
         ),
         # the baselines on the clients' own pairs
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.selectors_from=runs/x",
             r"rlhf.selectors_from is read by method=selectors only",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            FEDSFT,
             "federated.algorithm=fedbiscuit",
             r"federated.algorithm=fedbiscuit: rlhf.method=fedsft",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.mode=iterative",
             r"rlhf.mode=iterative: rlhf.method=feddpo",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.dpo.epochs=2",
             r"rlhf.dpo.epochs=2.0 does nothing.*set rlhf.dpo.epochs=1",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.dpo.log_every=2",
             r"rlhf.dpo.log_every=2 does nothing",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            FEDSFT,
             "rlhf.dpo.beta=0.5",
             r"rlhf.dpo.beta=0.5 does nothing.*SFT has no preference loss",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.best_of_n=8",
             r"rlhf.best_of_n=8: the best-of-n probe",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}},
+            FEDSFT,
             "rlhf.generation.num_candidates=4",
             r"rlhf.generation.num_candidates does nothing",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}},
+            FEDDPO,
             "rlhf.swap_average=false",
             r"rlhf.swap_average does nothing",
         ),
         # a judge's settings for another kind of judge
         (
-            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "phase1"}}},
+            _judged_by("phase1"),
             "rlhf.judge.model=gpt-4o",
             r"rlhf.judge.model='gpt-4o' is read by judge.kind=hf or openai only",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}},
+            _judged_by("hf"),
             "rlhf.judge.url=http://x",
             r"rlhf.judge.url='http://x' is read by judge.kind=openai only",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}},
+            _judged_by("hf"),
             "rlhf.judge.timeout_s=5",
             r"rlhf.judge.timeout_s=5.0 is read by judge.kind=openai",
         ),
         (
-            {"pipeline": "rlhf", "rlhf": {"judge": {"kind": "openai"}}},
+            _judged_by("openai"),
             "rlhf.judge.template=dialogue",
             r"rlhf.judge.template='dialogue' is read by judge.kind=selector or hf",
         ),
