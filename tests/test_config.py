@@ -207,12 +207,6 @@ def _judged_by(kind: str) -> dict:
         # phase 2's settings without phase 2
         ({"pipeline": "federated"}, "rlhf.num_prompts=8", r"rlhf.num_prompts is set, but pipeline=federated"),
         ({"pipeline": "centralized"}, "rlhf.judge.kind=hf", r"rlhf.judge is set, but pipeline=centralized"),
-        # one order only: the centralized pipeline's option
-        (
-            {"pipeline": "federated"},
-            "eval.swap_average=false",
-            r"eval.swap_average=false: federated and phase-1",
-        ),
         # the baselines on the clients' own pairs
         (
             FEDDPO,
@@ -366,3 +360,41 @@ def test_settings_are_accepted_where_they_are_read(tmp_path):
         ).rlhf.best_of_n
         == 0
     )  # off: what it does
+
+
+def test_one_order_is_refused_where_a_federated_run_starts_not_where_it_is_read(tmp_path):
+    """eval.swap_average=false: `fedbiscuit eval` reads it for any config, a federated or phase-1 run would
+    ignore it, so the runners refuse it (the local engine's and the Flower engine's), not the config."""
+    from fedbiscuit.flower.server_app import check_flower_config
+    from fedbiscuit.runner import run
+
+    fed = _write(tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "federated"})
+    cfg = load_config(fed, ["eval.swap_average=false"])  # loads: an evaluation may read it
+    assert cfg.eval.swap_average is False
+    with pytest.raises(ConfigError, match=r"eval.swap_average=false: federated and phase-1"):
+        run(cfg, quiet=True)
+    with pytest.raises(ConfigError, match=r"eval.swap_average=false: federated and phase-1"):
+        check_flower_config(cfg)
+
+
+def test_unseen_clients_of_the_oracle_and_local_baselines_read_grouping_pairs(tmp_path):
+    """An unseen client joins one of the baselines' several selectors by scoring grouping_pairs of its pairs
+    (federated/population.py): there the setting is read; with FedBis's one selector it is not."""
+    raw = {
+        "data": {"source": "hh_rlhf", "unseen_clients": 0.25, "partition": {"split_each": 4}},
+        "pipeline": "federated",
+    }
+    for algorithm in ("oracle", "local"):
+        cfg = load_config(
+            _write(tmp_path, raw),
+            [f"federated.algorithm={algorithm}", "federated.fedbiscuit.grouping_pairs=8"],
+        )
+        assert cfg.federated.fedbiscuit.grouping_pairs == 8
+    with pytest.raises(
+        ConfigError, match=r"fedbiscuit.grouping_pairs is set, but federated.algorithm=fedbis"
+    ):
+        load_config(_write(tmp_path, raw), ["federated.fedbiscuit.grouping_pairs=8"])
+    with pytest.raises(ConfigError, match=r"fedbiscuit.warmup_rounds is set, but federated.algorithm=oracle"):
+        load_config(
+            _write(tmp_path, raw), ["federated.algorithm=oracle", "federated.fedbiscuit.warmup_rounds=2"]
+        )

@@ -23,13 +23,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_one_order_is_centralized(cfg: RunConfig) -> None:
+    """eval.swap_average=false where a run would ignore it: federated and phase-1 evaluation always score both
+    orders (and report each beside their mean). ``fedbiscuit eval`` reads it for any config, so this is checked
+    where a run starts, not when a config loads."""
+    if not cfg.eval.swap_average and cfg.pipeline != "centralized":
+        raise ConfigError(
+            "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report each "
+            "order beside their mean (A|B, B|A); only pipeline=centralized (and `fedbiscuit eval`) score one order"
+        )
+
+
 def _changed(section: BaseModel, keys: list[str] | None = None) -> list[str]:
     """The keys of ``section`` (all, or those named) whose values differ from the field defaults: what a user
     set. Values, not keys given: a run folder's config.yaml names every key at its default, and must reload."""
     fields = type(section).model_fields
     return [
         k
-        for k in (keys or list(fields))
+        for k in (list(fields) if keys is None else keys)
         if getattr(section, k) != fields[k].get_default(call_default_factory=True)
     ]
 
@@ -725,6 +736,9 @@ class RunConfig(_Section):
         """Settings read only in another pipeline, algorithm, method or judge are errors, not silent no-ops."""
         fed, rl, judge = self.federated, self.rlhf, self.rlhf.judge
         changed = _changed(fed.fedbiscuit)
+        if self.data.unseen_clients is not None and fed.algorithm in ("oracle", "local"):
+            # unseen clients choose among these baselines' several selectors by scoring grouping_pairs of them
+            changed = [k for k in changed if k != "grouping_pairs"]
         if changed and self.pipeline != "centralized" and fed.algorithm != "fedbiscuit":
             raise ValueError(
                 f"federated.fedbiscuit.{changed[0]} is set, but federated.algorithm={fed.algorithm} has no "
@@ -735,11 +749,6 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rlhf.{changed[0]} is set, but pipeline={self.pipeline} trains selectors only (phase 1): remove the "
                 "rlhf section or set pipeline=rlhf"
-            )
-        if not self.eval.swap_average and self.pipeline != "centralized":
-            raise ValueError(
-                "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report "
-                "each order beside their mean (A|B, B|A); only pipeline=centralized can score one order"
             )
         if self.pipeline == "rlhf" and rl.method != "selectors":
             baseline = f"rlhf.method={rl.method} (a baseline on the clients' own pairs, federated as FedBis)"

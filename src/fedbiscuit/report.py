@@ -447,7 +447,7 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
         xs, ys, lo, hi, _ = zip(*run["heldout"], strict=True)
         ax.plot(
             xs,
-            [100 * y for y in ys],
+            [100 * y if y is not None else float("nan") for y in ys],  # null: no decided pair that round
             ls="--",
             marker="s",
             ms=4,

@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from . import distributed
-from .config import RunConfig
+from .config import RunConfig, check_one_order_is_centralized
 from .pipeline import run_centralized, run_federated
 from .rlhf.phase2 import run_rlhf
 
@@ -32,6 +32,7 @@ def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bo
         if not distributed.is_main():  # the same training; its files and printout are rank 0's alone
             cfg = cfg.model_copy(update={"output_dir": tempfile.mkdtemp(prefix="fedbiscuit-rank-")})
             quiet, overwrite = True, True
+    check_one_order_is_centralized(cfg)
     if cfg.pipeline == "centralized":
         if resume:
             raise ValueError("--resume applies to federated runs (pipeline: federated)")

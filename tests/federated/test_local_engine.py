@@ -547,6 +547,13 @@ def test_the_report_plots_and_tables_the_heldout_curve(tmp_path):
         r for r in write_report([bare], tmp_path / "rep2").read_text().splitlines() if r.startswith("| bare")
     )
     assert row.split("|")[9].strip() == "-"
+    # a held-out round with no decided pair logs a null agreement: plotted as a gap, tabled as "-"
+    from fedbiscuit.report import _agreement_plot
+
+    run = summarize(run_dir)
+    run["heldout"] = [*run["heldout"][:-1], (4, None, float("nan"), float("nan"), 0)]
+    _agreement_plot([run], tmp_path / "null.png")
+    assert (tmp_path / "null.png").stat().st_size > 5_000
 
 
 def test_heldout_agreement_needs_heldout_slices_and_the_local_engine(tmp_path):

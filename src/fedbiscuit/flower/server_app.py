@@ -19,7 +19,7 @@ import yaml
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, check_one_order_is_centralized, config_from_dict
 from ..federated.client import ScoreReply, TrainReply
 from ..federated.rounds import TooFewClientsError, TrainJob
 from ..models.adapters import AdapterState
@@ -238,6 +238,7 @@ class FlowerTransport:
 
 
 def check_flower_config(cfg: RunConfig) -> None:
+    check_one_order_is_centralized(cfg)
     fed = cfg.federated
     if cfg.pipeline != "federated" or fed.algorithm not in ("fedbis", "fedbiscuit"):
         raise ValueError(
