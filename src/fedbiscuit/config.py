@@ -23,17 +23,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def check_one_order_is_centralized(cfg: RunConfig) -> None:
-    """eval.swap_average=false where a run would ignore it: federated and phase-1 evaluation always score both
-    orders (and report each beside their mean). ``fedbiscuit eval`` reads it for any config, so this is checked
-    where a run starts, not when a config loads."""
-    if not cfg.eval.swap_average and cfg.pipeline != "centralized":
-        raise ConfigError(
-            "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report each "
-            "order beside their mean (A|B, B|A); only pipeline=centralized (and `fedbiscuit eval`) score one order"
-        )
-
-
 def _changed(section: BaseModel, keys: list[str] | None = None) -> list[str]:
     """The keys of ``section`` (all, or those named) whose values differ from the field defaults: what a user
     set. Values, not keys given: a run folder's config.yaml names every key at its default, and must reload."""
@@ -364,11 +353,7 @@ class ServerOptimizerConfig(_Section):
             self.name
         ]
         # compared with the defaults, not with the keys given: a dumped config names every key
-        unused = sorted(
-            k
-            for k in {"momentum", "betas", "tau"} - used
-            if getattr(self, k) != ServerOptimizerConfig.model_fields[k].default
-        )
+        unused = sorted(_changed(self, sorted({"momentum", "betas", "tau"} - used)))
         if unused:
             raise ValueError(
                 f"federated.server_optimizer.{unused[0]} does nothing with server_optimizer.name={self.name!r}"
@@ -688,6 +673,19 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rlhf.judge.checkpoint is read by kind=selector only (this judge is kind={self.rlhf.judge.kind})"
             )
+        owner = {
+            "model": ("hf", "openai"),
+            "url": ("openai",),
+            "api_key_env": ("openai",),
+            "timeout_s": ("openai",),
+            "template": ("selector", "hf"),
+        }
+        for key in _changed(self.rlhf.judge, list(owner)):
+            if self.rlhf.judge.kind not in owner[key]:
+                raise ValueError(
+                    f"rlhf.judge.{key}={getattr(self.rlhf.judge, key)!r} is read by judge.kind={' or '.join(owner[key])} only "
+                    f"(this judge is kind={self.rlhf.judge.kind})"
+                )
         if self.rlhf.judge.kind == "phase1" and self.rlhf.method != "selectors":
             raise ValueError(
                 f"rlhf.judge.kind=phase1 judges with a phase-1 selector, which rlhf.method={self.rlhf.method} does not "
@@ -719,9 +717,8 @@ class RunConfig(_Section):
     def _centralized_has_no_rounds(self) -> RunConfig:
         # after the two checks above, whose messages say what to use instead. Values, not keys: a run folder's
         # config.yaml holds the whole section at its defaults, and reloads.
-        fed, default = self.federated, FederatedConfig()
-        given = [k for k in FederatedConfig.model_fields if getattr(fed, k) != getattr(default, k)]
-        given = [k for k in given if not (k == "algorithm" and fed.algorithm == "centralized")]
+        fed = self.federated
+        given = [k for k in _changed(fed) if not (k == "algorithm" and fed.algorithm == "centralized")]
         if self.pipeline == "centralized" and given:
             key = given[0]
             raise ValueError(
@@ -731,10 +728,10 @@ class RunConfig(_Section):
             )
         return self
 
+    # Settings read only in another pipeline, algorithm, method, judge or path are errors, not silent no-ops.
     @model_validator(mode="after")
-    def _settings_of_other_modes(self) -> RunConfig:
-        """Settings read only in another pipeline, algorithm, method or judge are errors, not silent no-ops."""
-        fed, rl, judge = self.federated, self.rlhf, self.rlhf.judge
+    def _fedbiscuit_settings_need_fedbiscuit(self) -> RunConfig:
+        fed = self.federated
         changed = _changed(fed.fedbiscuit)
         if self.data.unseen_clients is not None and fed.algorithm in ("oracle", "local"):
             # unseen clients choose among these baselines' several selectors by scoring grouping_pairs of them
@@ -744,60 +741,57 @@ class RunConfig(_Section):
                 f"federated.fedbiscuit.{changed[0]} is set, but federated.algorithm={fed.algorithm} has no "
                 "clusters to warm up or regroup: remove the fedbiscuit section or set algorithm=fedbiscuit"
             )
-        changed = _changed(rl)
+        return self
+
+    @model_validator(mode="after")
+    def _rlhf_settings_need_rlhf(self) -> RunConfig:
+        changed = _changed(self.rlhf)
         if changed and self.pipeline != "rlhf":
             raise ValueError(
                 f"rlhf.{changed[0]} is set, but pipeline={self.pipeline} trains selectors only (phase 1): remove the "
                 "rlhf section or set pipeline=rlhf"
             )
-        if self.pipeline == "rlhf" and rl.method != "selectors":
-            baseline = f"rlhf.method={rl.method} (a baseline on the clients' own pairs, federated as FedBis)"
-            if rl.selectors_from:
-                raise ValueError(
-                    f"rlhf.selectors_from is read by method=selectors only; {baseline} uses no selectors"
-                )
-            if fed.algorithm != "fedbis":
-                raise ValueError(
-                    f"federated.algorithm={fed.algorithm}: {baseline} averages one policy adapter"
-                )
-            if rl.mode != "offline":
-                raise ValueError(f"rlhf.mode={rl.mode}: {baseline} generates nothing to regenerate")
-            if rl.best_of_n not in (0, RLHFConfig.model_fields["best_of_n"].default):
-                raise ValueError(
-                    f"rlhf.best_of_n={rl.best_of_n}: the best-of-n probe picks with the labelling selectors, which "
-                    f"{baseline} has none of (set rlhf.best_of_n=0)"
-                )
-            for key in _changed(rl, ["swap_average"]) + [
-                f"generation.{k}" for k in _changed(rl.generation, ["num_candidates"])
-            ]:
-                raise ValueError(
-                    f"rlhf.{key} does nothing with {baseline}: it samples no candidates to label"
-                )
-            why = {
-                "epochs": "its length is federated.rounds x federated.local_steps (set rlhf.dpo.epochs=1)",
-                "log_every": "its clients log their DPO loss once a round (leave it at 5)",
-                "beta": "SFT has no preference loss",
-                "loss": "SFT has no preference loss",
-            }
-            for key in _changed(
-                rl.dpo, ["epochs", "log_every"] + (["beta", "loss"] if rl.method == "fedsft" else [])
-            ):
-                raise ValueError(
-                    f"rlhf.dpo.{key}={getattr(rl.dpo, key)} does nothing with {baseline}: {why[key]}"
-                )
-        owner = {
-            "model": ("hf", "openai"),
-            "url": ("openai",),
-            "api_key_env": ("openai",),
-            "timeout_s": ("openai",),
-            "template": ("selector", "hf"),
+        return self
+
+    @model_validator(mode="after")
+    def _baselines_label_nothing(self) -> RunConfig:
+        fed, rl = self.federated, self.rlhf
+        if self.pipeline != "rlhf" or rl.method == "selectors":
+            return self
+        baseline = f"rlhf.method={rl.method} (a baseline on the clients' own pairs, federated as FedBis)"
+        if rl.selectors_from:
+            raise ValueError(
+                f"rlhf.selectors_from is read by method=selectors only; {baseline} uses no selectors"
+            )
+        if fed.algorithm != "fedbis":
+            raise ValueError(f"federated.algorithm={fed.algorithm}: {baseline} averages one policy adapter")
+        if rl.mode != "offline":
+            raise ValueError(f"rlhf.mode={rl.mode}: {baseline} generates nothing to regenerate")
+        if _changed(rl, ["best_of_n"]) and rl.best_of_n != 0:
+            raise ValueError(
+                f"rlhf.best_of_n={rl.best_of_n}: the best-of-n probe picks with the labelling selectors, which "
+                f"{baseline} has none of (set rlhf.best_of_n=0)"
+            )
+        for key in _changed(rl, ["swap_average"]) + [
+            f"generation.{k}" for k in _changed(rl.generation, ["num_candidates"])
+        ]:
+            raise ValueError(f"rlhf.{key} does nothing with {baseline}: it samples no candidates to label")
+        why = {
+            "epochs": "its length is federated.rounds x federated.local_steps (set rlhf.dpo.epochs=1)",
+            "log_every": "its clients log their DPO loss once a round (leave it at 5)",
+            "beta": "SFT has no preference loss",
+            "loss": "SFT has no preference loss",
         }
-        for key in _changed(judge, list(owner)):
-            if self.pipeline == "rlhf" and judge.kind not in owner[key]:
-                raise ValueError(
-                    f"rlhf.judge.{key}={getattr(judge, key)!r} is read by judge.kind={' or '.join(owner[key])} only "
-                    f"(this judge is kind={judge.kind})"
-                )
+        for key in _changed(
+            rl.dpo, ["epochs", "log_every"] + (["beta", "loss"] if rl.method == "fedsft" else [])
+        ):
+            raise ValueError(
+                f"rlhf.dpo.{key}={getattr(rl.dpo, key)} does nothing with {baseline}: {why[key]}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _settings_of_another_path_or_model(self) -> RunConfig:
         if self.pipeline != "centralized" and _changed(self.train, ["log_every"]):
             raise ValueError(
                 f"train.log_every={self.train.log_every} sets a centralized run's loss history; federated clients "
@@ -873,6 +867,17 @@ class RunConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def check_one_order_is_centralized(cfg: RunConfig) -> None:
+    """eval.swap_average=false where a run would ignore it: federated and phase-1 evaluation always score both
+    orders (and report each beside their mean). ``fedbiscuit eval`` reads it for any config, so this is checked
+    where a run starts, not when a config loads."""
+    if not cfg.eval.swap_average and cfg.pipeline != "centralized":
+        raise ConfigError(
+            "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report each "
+            "order beside their mean (A|B, B|A); only pipeline=centralized (and `fedbiscuit eval`) score one order"
+        )
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -420,6 +420,11 @@ def _nan(values) -> list[float]:
     return [float("nan") if v is None else v for v in values]
 
 
+def _percent(values) -> list[float]:
+    """Agreements as percentages; a null one (no decided pair) as a gap."""
+    return [100 * v if v is not None else float("nan") for v in values]
+
+
 def _agreement_plot(runs: list[dict], path: Path) -> None:
     """Agreement over rounds from the untrained start, each point's 95% interval as a band, the untrained
     figure and chance as reference lines, whole-number round ticks."""
@@ -427,34 +432,28 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        if not run["curve"]:
-            continue
-        xs, ys = zip(*run["curve"], strict=True)
-        (line,) = ax.plot(
-            xs, [100 * y if y is not None else float("nan") for y in ys], marker="o", label=run["name"]
-        )
-        _, lo, hi = zip(*run["band"], strict=True)
-        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.15)
-        if xs[0] == 0 and len(xs) > 1:  # the untrained selector, as a line to read the gain against
-            ax.axhline(100 * ys[0], color=line.get_color(), lw=0.8, ls=":")
-            ax.annotate(
-                f"untrained {100 * ys[0]:.1f}%", (xs[-1], 100 * ys[0]), fontsize=7, ha="right", va="bottom"
+        colour = None  # the held-out slices take the colour of the run's test-split line
+        if run["curve"]:
+            xs, ys = zip(*run["curve"], strict=True)
+            (line,) = ax.plot(xs, _percent(ys), marker="o", label=run["name"])
+            colour = line.get_color()
+            _, lo, hi = zip(*run["band"], strict=True)
+            ax.fill_between(xs, _percent(lo), _percent(hi), color=colour, alpha=0.15)
+            if xs[0] == 0 and len(xs) > 1:  # the untrained selector, as a line to read the gain against
+                ax.axhline(100 * ys[0], color=colour, lw=0.8, ls=":")
+                ax.annotate(
+                    f"untrained {100 * ys[0]:.1f}%",
+                    (xs[-1], 100 * ys[0]),
+                    fontsize=7,
+                    ha="right",
+                    va="bottom",
+                )
+        if run["heldout"]:
+            xs, ys, lo, hi, _ = zip(*run["heldout"], strict=True)
+            (line,) = ax.plot(
+                xs, _percent(ys), ls="--", marker="s", ms=4, color=colour, label=f"{run['name']} (held-out)"
             )
-    for run in runs:  # the held-out slices, dashed in the colour of the run's test-split line
-        if not run["heldout"]:
-            continue
-        colour = next((ln.get_color() for ln in ax.get_lines() if ln.get_label() == run["name"]), None)
-        xs, ys, lo, hi, _ = zip(*run["heldout"], strict=True)
-        ax.plot(
-            xs,
-            [100 * y if y is not None else float("nan") for y in ys],  # null: no decided pair that round
-            ls="--",
-            marker="s",
-            ms=4,
-            color=colour,
-            label=f"{run['name']} (held-out)",
-        )
-        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=colour, alpha=0.08)
+            ax.fill_between(xs, _percent(lo), _percent(hi), color=line.get_color(), alpha=0.08)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.annotate("chance", (ax.get_xlim()[0], 50), fontsize=7, va="bottom")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
