@@ -29,7 +29,7 @@ from .models.adapters import (
 from .models.loading import cache_root, load_model
 from .runs import RunDir, seed_everything
 from .selector import build_encoder
-from .selector.metrics import agreement_report, pair_correct, paired_comparison
+from .selector.metrics import agreement_report, length_rule, pair_correct, paired_comparison
 from .selector.training import planned_steps, score_pairs, train_selector
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,19 @@ def evaluate(ws: Workspace, stage: str, pairs: list | None = None) -> dict:
     return report
 
 
+def length_reference(data: FederatedData, tokenizer) -> dict:
+    """{"length_rule": ...} on the evaluation split's pairs (the report draws it beside the agreement curve), or
+    nothing where a run has no evaluation pairs."""
+    tests = [p for pairs in data.all_test().values() for p in pairs]
+    if not tests:
+        return {}
+
+    def count(text: str) -> int:  # the whole answer, as the selector's tokenizer cuts it
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return {"length_rule": length_rule(tests, count)}
+
+
 def _logged(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "correct"}
 
@@ -119,6 +132,7 @@ def run_centralized(cfg: RunConfig, quiet: bool = False, overwrite: bool = False
                 "dropped": dict(ws.data.report.dropped),
                 "notes": ws.data.report.notes,
                 **({"unseen": unseen_sizes(ws.data)} if ws.data.unseen else {}),
+                **length_reference(ws.data, ws.tokenizer),
             }
         )
         results = {}
@@ -301,6 +315,7 @@ def train_federated(ws: Workspace, run: RunDir, resume: bool = False):
             "dropped": dict(data.report.dropped),
             "notes": data.report.notes,
             **({"unseen": unseen_sizes(data)} if data.unseen else {}),
+            **length_reference(data, ws.tokenizer),
         },
     )
     if resumed:

@@ -151,6 +151,13 @@ def summarize(run_dir: Path) -> dict:
         for kind in ("unseen", "personalized")
     }
     final_eval = next((r for r in reversed(evals) if headline(r)), None)
+    data = next((r for r in records if r["event"] == "data"), {})
+    # a centralized run's trained figure has no round: the agreement plot draws it as a reference line
+    central = (
+        final_eval
+        if final_eval and "round" not in final_eval and final_eval.get("stage") == "after"
+        else None
+    )
     return {
         "name": Path(run_dir).name,
         "curve": [(x, y) for x, y, _, _ in curve if x is not None],
@@ -168,6 +175,8 @@ def summarize(run_dir: Path) -> dict:
         "best_of_n": next((r for r in records if r["event"] == "best_of_n"), None),
         "dpo_curve": [r for r in records if r["event"] == "curve"],
         "populations": populations(final_eval, newest["unseen"], newest["personalized"]),
+        "length_rule": data.get("length_rule"),
+        "central": headline(central)[1] if central else None,
     }
 
 
@@ -426,8 +435,9 @@ def _percent(values) -> list[float]:
 
 
 def _agreement_plot(runs: list[dict], path: Path) -> None:
-    """Agreement over rounds from the untrained start, each point's 95% interval as a band, the untrained
-    figure and chance as reference lines, whole-number round ticks."""
+    """Agreement over rounds from the untrained start, each point's 95% interval as a band; the untrained
+    figure, chance, the length rule and a centralized run's trained selector (with its band) as reference lines;
+    whole-number round ticks."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -454,14 +464,33 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
                 xs, _percent(ys), ls="--", marker="s", ms=4, color=colour, label=f"{run['name']} (held-out)"
             )
             ax.fill_between(xs, _percent(lo), _percent(hi), color=line.get_color(), alpha=0.08)
+    left = ax.get_xlim()[0]
     ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.annotate("chance", (ax.get_xlim()[0], 50), fontsize=7, va="bottom")
+    ax.annotate("chance", (left, 50), fontsize=7, va="bottom")
+    # reference lines: the length rule on each distinct evaluation split, each centralized run's trained selector
+    for value in sorted({round(100 * r["length_rule"]["agreement"], 1) for r in runs if r["length_rule"]}):
+        ax.axhline(value, color="black", lw=0.8, ls="-.")
+        ax.annotate(f"longer answer wins {value:.1f}%", (left, value), fontsize=7, va="bottom")
+    for run in runs:
+        if run["central"]:
+            value, (lo, hi) = (
+                100 * run["central"]["agreement"],
+                _nan(run["central"].get("ci95") or (None, None)),
+            )
+            line = ax.axhline(
+                value, color="tab:purple", lw=1.0, label=f"{run['name']} (centralized, trained)"
+            )
+            ax.axhspan(100 * lo, 100 * hi, color=line.get_color(), alpha=0.08)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         xlabel="round (0: untrained)",
         ylabel="agreement with human labels (%)",
-        title="selector agreement (band: 95% interval)\n"
-        "solid: evaluation split; dashed: held-out slices of the training split",
+        title="selector agreement (band: 95% interval)"
+        + (
+            "\nsolid: evaluation split; dashed: held-out slices of the training split"
+            if any(run["heldout"] for run in runs)
+            else ""
+        ),
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -504,6 +533,19 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _length_lines(runs: list[dict]) -> list[str]:
+    """One sentence per distinct evaluation split: how far "the longer answer is better" goes on it."""
+    splits: dict[tuple, list[str]] = {}
+    for run in runs:
+        if r := run["length_rule"]:
+            splits.setdefault((r["agreement"], r["n"], *r["ci95"]), []).append(run["name"])
+    return [
+        f"On the evaluation pairs of {', '.join(names)} the rule 'the longer answer is better' agrees "
+        f"{_pct(a)} [{_pct(lo)}, {_pct(hi)}] (n {n}): a selector near that figure may have learned length alone."
+        for (a, n, lo, hi), names in splits.items()
+    ]
+
+
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [summarize(Path(d)) for d in run_dirs]
@@ -539,6 +581,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     lines += [
         "",
         "Agreement averages both presentation orders (A|B and B|A are each order alone); 50% is chance.",
+        *_length_lines(runs),
         "'measured by': the client's own cluster selector (FedBiscuit, local), the vote, or the single selector.",
         "Held-out: the same figure on the clients' held-out slices of the training split (eval.heldout_every), the",
         "pairs settings are chosen on; the evaluation split only reports.",

@@ -566,3 +566,57 @@ def test_heldout_agreement_needs_heldout_slices_and_the_local_engine(tmp_path):
         run_federated(config_from_dict(raw), quiet=True)
     with pytest.raises(ValueError, match=r"eval.heldout_every=2: the Flower server holds no client"):
         check_flower_config(config_from_dict(raw))
+
+
+def test_the_agreement_plot_reads_against_the_length_rule_and_a_centralized_selector(tmp_path, monkeypatch):
+    """The issue's reference lines: the run logs "the longer answer is better" on its evaluation pairs at the
+    start, and the report draws it, and a centralized run's trained selector with its band, beside the rounds."""
+    from fedbiscuit import report
+    from fedbiscuit.data import prepare_data
+    from fedbiscuit.models.loading import load_model
+    from fedbiscuit.pipeline import run_centralized
+    from fedbiscuit.selector.metrics import length_rule
+
+    raw = make_cfg(tmp_path, "fed", rounds=2, test_pairs=6)
+    raw["eval"]["before_training"] = True
+    # planted answers are "yes" / "no", one token each: every other test pair gets a longer chosen answer, so
+    # the rule wins those and ties the rest (counted half): 75%
+    test_file = tmp_path / "data" / "test.jsonl"
+    rows = [json.loads(line) for line in test_file.read_text().splitlines()]
+    for k, row in enumerate(rows):
+        row["chosen"] += " indeed, and here is why" if k % 2 == 0 else ""
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config_from_dict(raw)
+    fed = Path(run_federated(cfg, quiet=True)["run_dir"])
+    central_raw = {k: v for k, v in raw.items() if k != "federated"}
+    central_raw.update(name="central", pipeline="centralized", train={**raw["train"], "steps": 4})
+    central = Path(run_centralized(config_from_dict(central_raw), quiet=True)["run_dir"])
+
+    data = prepare_data(cfg.data, seed=cfg.seed)
+    _, tok = load_model(cfg.model, seed=cfg.seed)
+    expected = length_rule(
+        [p for pairs in data.all_test().values() for p in pairs],
+        lambda text: len(tok(text, add_special_tokens=False)["input_ids"]),
+    )
+    assert expected["n"] == len(rows) and expected["agreement"] == 0.75
+    for run_dir in (fed, central):
+        logged = next(json.loads(line) for line in (run_dir / "metrics.jsonl").open() if '"data"' in line)
+        assert logged["length_rule"] == expected
+    summaries = {r: report.summarize(r) for r in (fed, central)}
+    assert summaries[fed]["central"] is None  # a federated run is a curve, not a reference line
+    trained = summaries[central]["central"]
+    final = [json.loads(line) for line in (central / "metrics.jsonl").open()]
+    final = next(e for e in reversed(final) if e["event"] == "eval")
+    assert final["stage"] == "after" and trained["agreement"] == final["overall"]["agreement"]
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    text = report.write_report([fed, central], tmp_path / "rep").read_text()
+    ax = figures[0].axes[0]
+    flat = {(line.get_linestyle(), round(line.get_ydata()[0], 6)) for line in ax.lines}
+    assert ("-.", round(100 * expected["agreement"], 1)) in flat  # one length line: both runs share the split
+    assert sum(line.get_linestyle() == "-." for line in ax.lines) == 1
+    (ref,) = [line for line in ax.lines if line.get_label() == "central (centralized, trained)"]
+    assert ref.get_ydata()[0] == pytest.approx(100 * trained["agreement"])
+    assert ax.xaxis.get_major_locator()._integer
+    assert f"agrees {100 * expected['agreement']:.1f}%" in text and "of fed, central" in text

@@ -40,6 +40,13 @@ def _nodes(n):
         ),
         ({}, {}, "updates"),
         ({}, {}, "gradients"),
+        # the adaptive server optimizers keep moment state per selector across rounds: the same on both engines
+        ({"server_optimizer": {"name": "adam", "lr": 0.01}}, {}, "loss"),
+        (
+            {"server_optimizer": {"name": "yogi", "lr": 0.01}},
+            {"schedule": "cosine", "warmup_steps": 2},
+            "loss",
+        ),
     ],
 )
 def test_flower_apps_end_with_the_local_engines_adapters(tmp_path, server, schedule, grouping):

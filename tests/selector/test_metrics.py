@@ -155,3 +155,23 @@ def test_the_permutation_test_reads_the_size_of_per_pair_differences_the_sign_te
     assert paired_comparison(before, before)["permutation_p"] == 1.0
     null = paired_comparison(torch.tensor([1.0, 0.0] * 50), torch.tensor([0.0, 1.0] * 50))
     assert null["permutation_p"] > 0.5  # 50 gained, 50 lost: the mean did not move
+
+
+def test_length_rule_by_hand():
+    from fedbiscuit.data.pairs import Comparison
+    from fedbiscuit.selector.metrics import length_rule, wilson_interval
+
+    def pair(a, b, label):
+        return Comparison("q", a, b, label, "c", "test")
+
+    pairs = [
+        pair("long answer", "no", 1.0),  # the longer preferred: 1
+        pair("no", "long answer", 1.0),  # the shorter preferred: 0
+        pair("ab", "cd", 0.0),  # equal lengths: half
+        pair("x", "longer", 0.2),  # soft label for b, b longer: 1
+        pair("x", "longer", 0.5),  # no preference: not counted
+    ]
+    rule = length_rule(pairs, len)
+    assert rule["n"] == 4 and rule["agreement"] == pytest.approx(2.5 / 4)
+    assert rule["ci95"] == list(wilson_interval(2.5, 4))
+    assert length_rule([pair("a", "b", 0.5)], len)["n"] == 0  # nothing decided: n 0, no error

@@ -272,7 +272,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False, overwrite: bool
     from ..federated.algorithm import Algorithm
     from ..federated.evaluation import evaluate_selectors
     from ..federated.rounds import RoundLoop
-    from ..pipeline import federated_summary, open_workspace, start_state
+    from ..pipeline import federated_summary, length_reference, open_workspace, start_state
 
     check_flower_config(cfg)
     run = RunDir(cfg, resume=resume, overwrite=overwrite)
@@ -311,8 +311,9 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False, overwrite: bool
             transport.identities[n].client: transport.identities[n].train_pairs
             for n in transport.node_of.values()
         }
+        reference = length_reference(ws.data, ws.tokenizer) if evaluator else {}
         state, resumed = start_state(
-            cfg, run, model, algorithm, resume, {"clients": sizes, "engine": "flower"}
+            cfg, run, model, algorithm, resume, {"clients": sizes, "engine": "flower", **reference}
         )
         loop = RoundLoop(cfg, algorithm, run, transport, evaluator, quiet=True)
         if not resumed and cfg.eval.before_training:

@@ -4,10 +4,12 @@ and how evenly it serves the clients (fairness)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
+from ..data.pairs import Comparison
 from .encoding import EncodedPair
 
 
@@ -151,6 +153,21 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def length_rule(pairs: Iterable[Comparison], count: Callable[[str], int]) -> dict:
+    """Agreement of "the longer answer is better" with people on the decided pairs, by ``count`` (tokens of the
+    whole answer): the reference a selector that learned only length would reach (HH raters prefer the longer
+    answer more often than not, so a selector's gain over chance is partly this). Equal lengths count half."""
+    scores = []
+    for p in pairs:
+        if p.label == 0.5:
+            continue
+        a, b = count(p.response_a), count(p.response_b)
+        scores.append(0.5 if a == b else float((a > b) == (p.label > 0.5)))
+    n = len(scores)
+    agreement = sum(scores) / n if n else float("nan")
+    return {"agreement": agreement, "n": n, "ci95": list(wilson_interval(sum(scores), n))}
 
 
 def paired_comparison(before: torch.Tensor, after: torch.Tensor, seed: int = 0, draws: int = 10_000) -> dict:
