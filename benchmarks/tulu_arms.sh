@@ -10,6 +10,8 @@
 #               each person's whole held-out slice (the paper's loss grouping)
 #   fedbiscuit_grad  the same, grouping by gradient directions (grouping=gradients, as configs/hh_fedbiscuit.yaml:
 #               each person's plain gradient over up to 64 of their training pairs on the selectors' mean)
+#   fedbiscuit_k4_grad  fedbiscuit_grad with K=4 (configs/hh_fedbiscuit.yaml's K and grouping on every HH pair):
+#               warm-up 1 round per selector (the same 4 warm-up rounds as K=2), the same groupings at 4 and 8
 #   local       the same rounds and steps, every person their own selector (trained when sampled)
 set -u
 cd "$(dirname "$0")/.."
@@ -33,7 +35,10 @@ for arm in "${arms[@]}"; do
                   federated.fedbiscuit.grouping_pairs=null ;;
     fedbiscuit_grad) run tulu_fedbiscuit_grad_s$seed configs/tulu_fedbiscuit.yaml "${seq[@]}" \
                   federated.fedbiscuit.grouping_pairs=null federated.fedbiscuit.grouping=gradients ;;
+    fedbiscuit_k4_grad) run tulu_fedbiscuit_k4_grad_s$seed configs/tulu_fedbiscuit.yaml "${seq[@]}" \
+                  federated.fedbiscuit.grouping_pairs=null federated.fedbiscuit.grouping=gradients \
+                  federated.fedbiscuit.num_selectors=4 federated.fedbiscuit.warmup_rounds=1 ;;
     local) run tulu_local_s$seed configs/tulu_fedbis.yaml "${seq[@]}" federated.algorithm=local ;;
-    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_grad local)"; exit 2 ;;
+    *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_grad fedbiscuit_k4_grad local)"; exit 2 ;;
   esac
 done
