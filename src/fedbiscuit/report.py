@@ -458,6 +458,14 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
                     ha="right",
                     va="bottom",
                 )
+        # a centralized run's trained selector: a line and band in the colour of its untrained point
+        if run["central"]:
+            value, (lo, hi) = (
+                100 * run["central"]["agreement"],
+                _nan(run["central"].get("ci95") or (None, None)),
+            )
+            line = ax.axhline(value, color=colour, lw=1.0, label=f"{run['name']} (centralized, trained)")
+            ax.axhspan(100 * lo, 100 * hi, color=line.get_color(), alpha=0.08)
         if run["heldout"]:
             xs, ys, lo, hi, _ = zip(*run["heldout"], strict=True)
             (line,) = ax.plot(
@@ -467,20 +475,10 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
     left = ax.get_xlim()[0]
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.annotate("chance", (left, 50), fontsize=7, va="bottom")
-    # reference lines: the length rule on each distinct evaluation split, each centralized run's trained selector
+    # the length rule, once per distinct evaluation split
     for value in sorted({round(100 * r["length_rule"]["agreement"], 1) for r in runs if r["length_rule"]}):
         ax.axhline(value, color="black", lw=0.8, ls="-.")
         ax.annotate(f"longer answer wins {value:.1f}%", (left, value), fontsize=7, va="bottom")
-    for run in runs:
-        if run["central"]:
-            value, (lo, hi) = (
-                100 * run["central"]["agreement"],
-                _nan(run["central"].get("ci95") or (None, None)),
-            )
-            line = ax.axhline(
-                value, color="tab:purple", lw=1.0, label=f"{run['name']} (centralized, trained)"
-            )
-            ax.axhspan(100 * lo, 100 * hi, color=line.get_color(), alpha=0.08)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         xlabel="round (0: untrained)",
