@@ -3,9 +3,10 @@
 For each grouping a run logged: its adjusted Rand index (1: the clusters are the label's groups; about 0:
 chance) and its purity against three labels of the clients, each with its chance probability (how often
 clusters of the same sizes, filled with the same clients at random, score at least as high; a permutation test,
-`fedbiscuit.report.chance_probability`), the clients decided by their scores (margin beyond 2 standard errors),
-the median z and how many clients changed cluster. Purity is blind to a small group: 4 harmlessness clients
-among 16 in two balanced clusters give 75% whatever the grouping did; the Rand index is not. Note the power:
+`fedbiscuit.report.chance_probability`), the clients decided by their scores (margin beyond 2 standard errors,
+relative to the other clients where the run logged it), the median z and how many clients changed cluster.
+Purity is blind to a small group: 4 harmlessness clients among 16 in two balanced clusters give 75% whatever
+the grouping did; the Rand index is not. Note the power:
 with two balanced clusters of 8, even all 4 harmlessness clients on one selector has chance probability 0.077.
 
   subset   the natural client id (HH: the subset a client's pairs came from)
@@ -85,7 +86,9 @@ def main() -> None:
                     "purity": purity(a, f),
                     "purity_p": chance_probability(a, f, purity, draws=args.draws),
                 }
-            row.update({k: g.get(k) for k in ("decided", "median_z")})
+            # relative to the other clients where logged (a margin all clients share decides nothing), else raw
+            rel = "relative_decided" in g
+            row.update({k: g.get(f"relative_{k}" if rel else k) for k in ("decided", "median_z")})
             row["changed"] = None if g.get("changed") is None else len(g["changed"])
             rows.append(row)
             cells = " | ".join(

@@ -10,14 +10,14 @@
 #   central      labels from the centralized helpful-base selector (runs/issue18/hb_central, 66.0%)
 #   fedbis       labels from FedBis on helpful-base in 4 clients (runs/issue18/hb_a7_seq, 65.7%)
 #   fedbiscuit   labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients, gradient
-#                grouping), trained first if runs/issue16/hbh_fedbiscuit is missing
+#                grouping), trained first if runs/issue16/hbh_fedbiscuit has no final checkpoint
 #   fedbiscuit_k4  labels from the vote of FedBiscuit K=4's selectors on every HH pair (16 clients, gradient
 #                grouping: runs/issue18/all_fedbiscuit_k4_grad_s0, own cluster 59.9%, helpful-base 63.1%): the
 #                FedBiscuit whose grouping found the raters (hbh_fedbiscuit's K=2 did not: 48.9%, BENCHMARKS.md)
 #   fedbiscuit_k2loss  labels from FedBiscuit K=2's vote on harmless-base + helpful-base (8 clients) with the
 #                recipe that split those two groups in session 6 (loss grouping every 5 rounds, 2 clients a round x
 #                16 local steps x 8 pairs, 31 rounds, constant rate): an independent labeller (no gold-judge
-#                raters), trained first if runs/issue16/hbh_fedbiscuit_k2loss is missing
+#                raters), trained first if runs/issue16/hbh_fedbiscuit_k2loss has no final checkpoint
 #   feddpo       baseline: DPO on the clients' own human pairs, federated (the federated section's rounds)
 #   fedsft       baseline: federated SFT on the clients' preferred answers
 # Then: python benchmarks/paired_winrates.py --compare runs/issue16/dpo_feddpo_s0 runs/issue16/dpo_central_s0 ...
@@ -40,6 +40,9 @@ common=("data.subsets=[helpful-base]" data.max_eval_pairs_per_client=null rlhf.n
 curve=(rlhf.curve_every=${CURVE:-0})
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_rlhf_dpo.yaml "$@" \
           name=$name "${common[@]}" > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
+# a labeller trained here counts as there only once its last round's checkpoint is (a failed or stopped run's
+# folder is trained again, not read half-done)
+finished() { [ -f $out/$1/checkpoints/round-$(printf %06d $2).safetensors ]; }
 for arm in "${arms[@]}"; do
   case $arm in
     central) run dpo_central_s$seed rlhf.selectors_from=runs/issue18/hb_central "${curve[@]}" ;;
@@ -49,7 +52,7 @@ for arm in "${arms[@]}"; do
       # round: each selector's 4 clients take a7's steps (16 local steps x 2 pairs, 31 rounds). The earlier
       # recipe here (2 clients a round, loss grouping) inherited the config's 2-pair batches, showed a quarter
       # of the pairs and learned nothing (own cluster 51.4%; runs/issue16/hbh_fedbiscuit_batch2_failed)
-      if [ ! -d $out/hbh_fedbiscuit ]; then
+      if ! finished hbh_fedbiscuit 31; then
         .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
           federated.rounds=31 federated.clients_per_round=8 federated.eval_every=31 federated.checkpoint_every=10 \
           federated.fedbiscuit.num_selectors=2 federated.fedbiscuit.warmup_rounds=5 \
@@ -58,7 +61,7 @@ for arm in "${arms[@]}"; do
       fi
       run dpo_fedbiscuit_s$seed rlhf.selectors_from=$out/hbh_fedbiscuit "${curve[@]}" ;;
     fedbiscuit_k2loss)
-      if [ ! -d $out/hbh_fedbiscuit_k2loss ]; then
+      if ! finished hbh_fedbiscuit_k2loss 31; then
         /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_fedbiscuit.yaml "data.subsets=[harmless-base,helpful-base]" \
           federated.rounds=31 federated.clients_per_round=2 federated.local_steps=16 train.batch_size=8 \
           train.schedule=constant train.warmup_steps=0 federated.eval_every=31 federated.checkpoint_every=10 \

@@ -1,4 +1,4 @@
-"""Cluster purity and its chance probability (report.py)."""
+"""Cluster purity and its chance probability, and the clusters plot (report.py)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,22 @@ def test_a_minority_group_kept_together_by_balanced_clusters():
     assert adjusted_rand(together, harm.get) > 0.1 > adjusted_rand(apart, harm.get)
     p = chance_probability(together, harm.get, adjusted_rand, draws=20_000)
     assert abs(p - 2 * 495 / 12_870) < 0.01
+
+
+def test_the_clusters_plot_ticks_the_clients_decided_relative_to_the_others(tmp_path, monkeypatch):
+    from fedbiscuit import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    assignment = {"a": "selector-0", "b": "selector-1"}
+    logged = {"assignment": assignment, "losses": {"a": {}, "b": {}}, "decided": 2, "median_z": 5.04}
+    run = {
+        "name": "r",
+        "groupings": [
+            {"round": 4, **logged, "relative_decided": 0, "relative_median_z": 0.6},  # this session's runs
+            {"round": 8, **logged},  # a run logged before relative margins were recorded: the raw ones
+        ],
+    }
+    report._clusters_plot([run], tmp_path / "clusters.png")
+    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    assert ticks == ["4\n0/2\nz 0.6", "8\n2/2\nz 5.0"]

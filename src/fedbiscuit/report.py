@@ -497,7 +497,8 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
 
 def _clusters_plot(clustered: list[dict], path: Path) -> None:
     """Each client's cluster at each grouping, a legend naming the selector of each colour, and under each
-    grouping round how many clients the scores decided (margin beyond 2 standard errors) and the median z."""
+    grouping round how many clients the scores decided (margin beyond 2 standard errors, relative to the other
+    clients where the run logged it) and the median z."""
     from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, len(clustered), figsize=(4 + 3 * len(clustered), 5), squeeze=False)
@@ -513,8 +514,14 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
             if g.get("trusted", False) is None and "median_margin" in g:  # grouped by update directions
                 ticks.append(f"{g['round']}\ncos margin\n{g['median_margin']:.2f}")
             elif "decided" in g:
-                z = "-" if g["median_z"] is None else f"{g['median_z']:.1f}"  # no client could score: null
-                ticks.append(f"{g['round']}\n{g['decided']}/{len(g['losses'])}\nz {z}")
+                # relative to the other clients where logged (what trust is judged on), else the raw margins
+                decided, median = (
+                    ("relative_decided", "relative_median_z")
+                    if "relative_decided" in g
+                    else ("decided", "median_z")
+                )
+                z = "-" if g[median] is None else f"{g[median]:.1f}"  # no client could score: null
+                ticks.append(f"{g['round']}\n{g[decided]}/{len(g['losses'])}\nz {z}")
             else:  # a run logged before margins were recorded
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)

@@ -135,6 +135,48 @@ def test_grouping_trust_counts_clients_decided_beyond_two_standard_errors(tmp_pa
     assert noisy["decided"] == 0 and not noisy["trusted"]
 
 
+def test_a_margin_every_client_shares_decides_no_grouping():
+    """After a warm-up one selector can be better for everybody: every raw margin is large, but relative to the
+    other clients (each selector's mean loss over the clients subtracted) nobody prefers either, and a balanced
+    split of them is noise. The case logged by the quickstart's seed 1 (session 17), rounded."""
+    from fedbiscuit.federated.rounds import grouping_trust
+
+    losses = {
+        "h0": {"s0": 0.843, "s1": 0.743},
+        "h1": {"s0": 0.841, "s1": 0.770},
+        "p0": {"s0": 0.849, "s1": 0.787},
+        "p1": {"s0": 0.827, "s1": 0.751},
+    }
+    errors = {c: {"s0": se, "s1": 0.0} for c, se in zip(losses, (0.014, 0.018, 0.018, 0.012), strict=True)}
+    t = grouping_trust(losses, errors)
+    assert t["decided"] == 4  # raw: every client prefers s1 by 3.3-7.1 standard errors
+    # relative: s0 - s1 is 0.100, 0.071, 0.062, 0.076 (mean 0.07725); each margin is the distance to that mean
+    assert t["relative_margins"] == pytest.approx(
+        {"h0": 0.02275, "h1": 0.00625, "p0": 0.01525, "p1": 0.00125}
+    )
+    assert t["relative_z"]["h0"] == pytest.approx(0.02275 / 0.014)  # 1.6: the largest, still within noise
+    assert t["relative_decided"] == 0 and not t["trusted"]
+    # groups that really differ stay decided relative to each other, on top of a shared offset
+    apart = {
+        c: {"s0": row["s0"] + (0.2 if c[0] == "h" else -0.2), "s1": row["s1"]} for c, row in losses.items()
+    }
+    t = grouping_trust(apart, errors)
+    assert t["relative_decided"] == 4 and t["trusted"]
+
+
+def test_the_standard_error_of_two_selectors_neither_of_them_the_best_is_bounded_by_their_sum():
+    from fedbiscuit.federated.rounds import grouping_trust
+
+    # raw best s0; relative to the other client, s1 and s2 rank first and second for "a": its errors are
+    # against s0, so the error of s2 - s1 is taken as 0.01 + 0.03 (conservative), not one of them alone
+    losses = {"a": {"s0": 0.50, "s1": 0.52, "s2": 0.60}, "b": {"s0": 0.50, "s1": 0.80, "s2": 0.90}}
+    errors = {"a": {"s0": 0.0, "s1": 0.01, "s2": 0.03}, "b": {"s0": 0.0, "s1": 0.01, "s2": 0.01}}
+    t = grouping_trust(losses, errors)
+    # relative (means s0 0.50, s1 0.66, s2 0.75): a = (0, -0.14, -0.15): best s2, second s1, margin 0.01
+    assert t["relative_margins"]["a"] == pytest.approx(0.01)
+    assert t["relative_z"]["a"] == pytest.approx(0.01 / 0.04)
+
+
 def test_a_grouping_logs_margins_and_who_changed_cluster(tmp_path):
     def scores(selectors, r):
         return {
