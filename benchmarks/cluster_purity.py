@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
 
-    from fedbiscuit.report import adjusted_rand, chance_probability, purity, read_metrics
+    from fedbiscuit.report import adjusted_rand, chance_probability, grouping_decided, purity, read_metrics
 
     out = []
     for run in map(Path, args.runs):
@@ -86,9 +86,7 @@ def main() -> None:
                     "purity": purity(a, f),
                     "purity_p": chance_probability(a, f, purity, draws=args.draws),
                 }
-            # relative to the other clients where logged (a margin all clients share decides nothing), else raw
-            rel = "relative_decided" in g
-            row.update({k: g.get(f"relative_{k}" if rel else k) for k in ("decided", "median_z")})
+            row["decided"], row["median_z"] = grouping_decided(g)
             row["changed"] = None if g.get("changed") is None else len(g["changed"])
             rows.append(row)
             cells = " | ".join(

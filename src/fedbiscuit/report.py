@@ -495,6 +495,13 @@ def _agreement_plot(runs: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def grouping_decided(grouping: dict) -> tuple[int | None, float | None]:
+    """A logged grouping's (clients decided, median z): relative to the other clients where the run logged them
+    (what trust is judged on), else the raw ones of runs logged before."""
+    prefix = "relative_" if "relative_decided" in grouping else ""
+    return grouping.get(f"{prefix}decided"), grouping.get(f"{prefix}median_z")
+
+
 def _clusters_plot(clustered: list[dict], path: Path) -> None:
     """Each client's cluster at each grouping, a legend naming the selector of each colour, and under each
     grouping round how many clients the scores decided (margin beyond 2 standard errors, relative to the other
@@ -514,14 +521,9 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
             if g.get("trusted", False) is None and "median_margin" in g:  # grouped by update directions
                 ticks.append(f"{g['round']}\ncos margin\n{g['median_margin']:.2f}")
             elif "decided" in g:
-                # relative to the other clients where logged (what trust is judged on), else the raw margins
-                decided, median = (
-                    ("relative_decided", "relative_median_z")
-                    if "relative_decided" in g
-                    else ("decided", "median_z")
-                )
-                z = "-" if g[median] is None else f"{g[median]:.1f}"  # no client could score: null
-                ticks.append(f"{g['round']}\n{g[decided]}/{len(g['losses'])}\nz {z}")
+                decided, median_z = grouping_decided(g)
+                z = "-" if median_z is None else f"{median_z:.1f}"  # no client could score: null
+                ticks.append(f"{g['round']}\n{decided}/{len(g['losses'])}\nz {z}")
             else:  # a run logged before margins were recorded
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)

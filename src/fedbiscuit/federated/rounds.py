@@ -89,21 +89,23 @@ def grouping_trust(losses: dict[str, dict[str, float]], errors: dict[str, dict[s
     clients decided by z 3.3-7.1, the two groups of raters mixed). A client whose relative z is below 2 would as
     likely have landed with another selector on a fresh slice of its data; a grouping where that holds for most
     clients is untrusted."""
-    margins, zs = _margins(losses, errors)
-    rel_margins, rel_zs = _margins(_relative(losses), errors)
-    decided = sum(z > 2 for z in zs.values())
-    rel_decided = sum(z > 2 for z in rel_zs.values())
+    raw, relative = _counts(*_margins(losses, errors)), _counts(*_margins(_relative(losses), errors))
+    return {
+        **raw,
+        **{f"relative_{k}": v for k, v in relative.items()},
+        "trusted": bool(relative["z"]) and relative["decided"] >= len(relative["z"]) / 2,
+    }
+
+
+def _counts(margins: dict[str, float], zs: dict[str, float]) -> dict:
+    """The logged figures of one set of margins: each client's margin and z (null where infinite), the clients
+    decided (z > 2), the medians."""
     return {
         "margins": margins,
         "z": {c: (z if math.isfinite(z) else None) for c, z in zs.items()},
-        "decided": decided,
+        "decided": sum(z > 2 for z in zs.values()),
         "median_margin": _median(list(margins.values())),
         "median_z": _median([min(z, 1e9) for z in zs.values()]),
-        "relative_margins": rel_margins,
-        "relative_z": {c: (z if math.isfinite(z) else None) for c, z in rel_zs.items()},
-        "relative_decided": rel_decided,
-        "relative_median_z": _median([min(z, 1e9) for z in rel_zs.values()]),
-        "trusted": bool(rel_zs) and rel_decided >= len(rel_zs) / 2,
     }
 
 
