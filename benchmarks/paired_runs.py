@@ -24,7 +24,10 @@ each seed's runs are scored once, as they finish:
     python benchmarks/paired_runs.py --compare untrained runs/a_s1 --reuse s0.json    # pooled over s0, s1
 
 ``--split heldout`` judges the clients' held-out slices of the training split instead of the test pairs: what a
-choice between settings is made on (the runs must partition the data alike, as arms of one script do).
+choice between settings is made on (the runs must partition the data alike, as arms of one script do). Where the
+arms differ in how many held-out pairs their groupings score, those pairs are not neutral; ``--split spare``
+judges instead each client's training pairs that ``data.max_train_pairs_per_client`` left out (the first
+``--spare-pairs`` in the cap's order), which neither training nor grouping reads.
 
 The JSON keeps every run's per-pair outcomes, so other paired statistics need no rescoring. And each run's
 per-pair outcomes are kept in ``paired/`` under the model cache (``model.cache_dir``, else ``$FEDBISCUIT_CACHE``, else
@@ -92,7 +95,7 @@ def final_selectors(run: str, untrained: dict, split: str = "test"):
         return UNTRAINED, {UNTRAINED: untrained}, {}, None, False
     folder = Path(run)
     records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    event = "eval" if split == "test" else "heldout"
+    event = {"test": "eval", "heldout": "heldout"}.get(split)  # nothing is logged on the spare pairs
     evals = [r for r in records if r.get("event") == event]
     ckpt = final_checkpoint(run)
     if (
@@ -126,15 +129,26 @@ def _algorithm(folder: Path) -> str | None:
     )
 
 
-def judged_pairs(ws, split: str) -> tuple[list, list]:
-    """(encoded pairs owned by their client, the texts behind them) of the test split or the held-out slices."""
+def judged_pairs(ws, split: str, spare: int = 100) -> tuple[list, list]:
+    """(encoded pairs owned by their client, the texts behind them) of the test split, the held-out slices, or
+    the first ``spare`` pairs each client's cap left out."""
     if split == "test":  # test_pairs() encodes all_test() in this order
         return ws.test_pairs(), [t for members in ws.data.all_test().values() for t in members]
-    pairs = [p for name, c in ws.data.clients.items() for p in ws.encoder.encode(c.heldout, owner=name)]
-    return pairs, [t for c in ws.data.clients.values() for t in c.heldout]
+    texts = {
+        name: (c.heldout if split == "heldout" else c.spare[:spare]) for name, c in ws.data.clients.items()
+    }
+    if not any(texts.values()):
+        why = (
+            "data.max_train_pairs_per_client left none out"
+            if split == "spare"
+            else "data.heldout_fraction is 0"
+        )
+        sys.exit(f"no {split} pairs to judge: {why}")
+    pairs = [p for name, members in texts.items() for p in ws.encoder.encode(members, owner=name)]
+    return pairs, [t for members in texts.values() for t in members]
 
 
-def run_correct(ws, run: str, untrained: dict, split: str = "test"):
+def run_correct(ws, run: str, untrained: dict, split: str = "test", spare: int = 100):
     """Per judged pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
     import torch
 
@@ -144,7 +158,7 @@ def run_correct(ws, run: str, untrained: dict, split: str = "test"):
     from fedbiscuit.selector.training import score_pairs
 
     ckpt, selectors, clusters, logged, local = final_selectors(run, untrained, split)
-    pairs, texts = judged_pairs(ws, split)
+    pairs, texts = judged_pairs(ws, split, spare)
     names = list(selectors)
     if len(names) == 1:
         chosen = [names[0]] * len(pairs)
@@ -254,9 +268,13 @@ def main() -> None:
     p.add_argument("--no-cache", action="store_true", help="score every run again, even one scored before")
     p.add_argument(
         "--split",
-        choices=["test", "heldout"],
+        choices=["test", "heldout", "spare"],
         default="test",
-        help="heldout: the clients' held-out slices of the training split (for choosing settings)",
+        help="heldout: the clients' held-out slices of the training split (for choosing settings); spare: "
+        "training pairs each client's cap left out (read by neither training nor grouping)",
+    )
+    p.add_argument(
+        "--spare-pairs", type=int, default=100, help="--split spare: pairs per client (default 100)"
     )
     args = p.parse_args()
     if not args.compare and not args.reuse:
@@ -288,7 +306,9 @@ def main() -> None:
             if run in outcomes:
                 continue
             # the split is part of the cache key (test keeps the key it always had)
-            where = key if args.split == "test" else f"{key}|{args.split}"
+            where = {"test": key, "heldout": f"{key}|heldout"}.get(
+                args.split, f"{key}|spare{args.spare_pairs}"
+            )
             cached = cache_file(run.split("@")[0], where, cache_root(cfg.model))
             if cached.is_file() and not args.no_cache:
                 hit = json.loads(cached.read_text())
@@ -305,7 +325,9 @@ def main() -> None:
                     # the fresh adapter, before any load
                     workspace[key] = (ws, adapter_state(ws.model, SELECTOR))
                 ws, untrained = workspace[key]
-                ckpt, logged, got = outcomes[run] = run_correct(ws, run.split("@")[0], untrained, args.split)
+                ckpt, logged, got = outcomes[run] = run_correct(
+                    ws, run.split("@")[0], untrained, args.split, args.spare_pairs
+                )
                 write_json(str(cached), {"checkpoint": str(ckpt), "logged": logged, "outcomes": got})
                 source = "scored"
             ckpt, logged, got = outcomes[run]

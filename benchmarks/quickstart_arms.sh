@@ -14,6 +14,12 @@
 #          the demo's measured gain varies with the seed; chooses nothing (seed 0 is the demo itself)
 #   r20    the same as loss with 20 rounds instead of 14 (the cosine schedule over the longer run): 43% more
 #          sequential steps, about 85 s more on the AMD EPYC
+#   all    loss with every held-out pair of each client scored at each grouping (grouping_pairs null: about 81
+#          a client instead of 24), so a grouping's margins are 1.8x less noisy; about 2.5 min more on the AMD EPYC
+#   top2   loss with LoRA in the top 2 blocks at r=32 (the same adapter parameters as top 4 at r=16): half a
+#          step's and a scoring's work (BENCHMARKS.md, session 9); its own trunk store (blocks 0-27)
+#   top2all  top2 and all together: the time top 2 saves pays for the whole held-out slices
+# Judge these on pairs no grouping scored: --split unused (training pairs the per-client cap left out).
 # Each writes runs/issue18/qs_<arm>_s<SEED>/.
 set -u
 cd "$(dirname "$0")/.."
@@ -43,6 +49,10 @@ for arm in "${arms[@]}"; do
              federated.fedbiscuit.regroup_every=20 ;;
     p150) run qs_p150_s$seed data.max_train_pairs_per_client=150 ;;
     test) run qs_test_s$seed data.eval_split=test eval.before_training=true ;;
+    all) run qs_all_s$seed federated.fedbiscuit.grouping_pairs=null ;;
+    top2) run qs_top2_s$seed model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64 ;;
+    top2all) run qs_top2all_s$seed model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64 \
+               federated.fedbiscuit.grouping_pairs=null ;;
     r20) run qs_r20_s$seed federated.rounds=20 federated.eval_every=20 eval.heldout_every=20 ;;
     *) echo "unknown arm $arm"; exit 2 ;;
   esac

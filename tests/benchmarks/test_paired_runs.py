@@ -17,7 +17,7 @@ from fedbiscuit.pipeline import run_centralized, run_federated
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paired_runs.py"
 
 
-def _run(folder: Path, algorithm: str, seed: int) -> Path:
+def _run(folder: Path, algorithm: str, seed: int, **data) -> Path:
     raw = planted_run_config(
         folder,
         f"{algorithm}_s{seed}",
@@ -38,6 +38,8 @@ def _run(folder: Path, algorithm: str, seed: int) -> Path:
         ),
     )
     raw["data"]["max_eval_pairs_per_client"] = 12
+    raw["data"].update(data)
+    raw["name"] += "".join(f"_{k}{v}" for k, v in data.items())
     raw["eval"]["heldout_every"] = 8  # the held-out agreement --split heldout checks itself against
     return Path(run_federated(config_from_dict(raw), quiet=True)["run_dir"])
 
@@ -225,3 +227,26 @@ def test_heldout_split_judges_the_clients_heldout_slices_not_the_test_pairs(runs
     assert done.returncode == 0, done.stderr[-2000:]
     assert "scored" in done.stdout
     assert json.loads(out.read_text())["comparisons"][0]["comparison"]["overall"]["n"] == 8 * 12
+
+
+def test_spare_split_judges_the_training_pairs_the_cap_left_out(runs, tmp_path):
+    done = _script("--split", "spare", "--compare", "untrained", str(runs["fedbis", 0]))
+    assert done.returncode != 0 and "data.max_train_pairs_per_client left none out" in done.stderr
+    folder = tmp_path / "capped"
+    base, other = (_run(folder, a, 0, max_train_pairs_per_client=6) for a in ("fedbis", "fedbiscuit"))
+    out = tmp_path / "spare.json"
+    done = _script(
+        "--split", "spare", "--spare-pairs", "3", "--compare", str(base), str(other), "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (comp,) = json.loads(out.read_text())["comparisons"]
+    from fedbiscuit.config import load_config
+    from fedbiscuit.data import prepare_data
+
+    cfg = load_config(base / "config.yaml", [])
+    data = prepare_data(cfg.data, seed=0)
+    spare = [p for c in data.clients.values() for p in c.spare[:3] if p.label != 0.5]
+    assert comp["comparison"]["overall"]["n"] == len(spare) > 0
+    assert all(run["logged"] is None for run in comp["runs"])  # no run logs an agreement on these pairs
+    # the planted split holds on pairs neither training nor grouping read
+    assert comp["comparison"]["overall"]["difference"] > 0.2

@@ -169,3 +169,14 @@ def test_an_unseen_client_with_nothing_to_evaluate_is_named_or_an_error(tmp_path
     assert (
         fed.report.dropped["pairs of unseen clients with no labelled slice or nothing left to evaluate"] == 1
     )
+
+
+def test_the_pairs_a_cap_leaves_out_are_kept_apart_as_spare(tmp_path):
+    whole = prepare_data(_planted(tmp_path))
+    capped = prepare_data(_planted(tmp_path, max_train_pairs_per_client=5))
+    for name, c in capped.clients.items():
+        full = whole.clients[name]
+        assert len(c.train) == 5 and c.spare and c.heldout == full.heldout and not full.spare
+        # training and spare pairs: the uncapped training pairs, each once, none held out
+        assert sorted(p.uid for p in c.train + c.spare) == sorted(p.uid for p in full.train)
+        assert not {p.prompt for p in c.spare} & {p.prompt for p in c.heldout}

@@ -97,3 +97,14 @@ def test_unseen_split_grades_no_prompt_of_the_labelled_slice_and_no_duplicate():
     assert not {p.prompt for p in labelled} & {p.prompt for p in remaining}
     assert len(remaining) == 40 - len(labelled) + 2  # each pair once, both splits
     assert len(unseen_split(own, evaluation, 0.25, 5)[1]) == 5  # capped like evaluation pairs
+
+
+def test_cap_split_keeps_what_cap_keeps_and_the_rest_in_hash_order():
+    from fedbiscuit.data.partition import cap_split
+
+    pairs = _pairs(50)
+    kept, spare = cap_split(pairs, 10)
+    assert kept == cap(pairs, 10)
+    assert sorted(p.uid for p in kept + spare) == sorted(p.uid for p in pairs)
+    assert cap_split(list(reversed(pairs)), 10) == (kept, spare)  # the order is the hash's, not the input's
+    assert cap_split(pairs, None) == (pairs, []) and cap_split(pairs, 50) == (pairs, [])

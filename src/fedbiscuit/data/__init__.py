@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .pairs import Comparison, DataError, LoadReport
-from .partition import cap, choose_unseen, heldout_split, partition, unseen_split
+from .partition import cap, cap_split, choose_unseen, heldout_split, partition, unseen_split
 from .sources import load_split
 
 __all__ = ["ClientData", "Comparison", "DataError", "FederatedData", "LoadReport", "prepare_data"]
@@ -21,6 +21,9 @@ class ClientData:
     train: list[Comparison]
     heldout: list[Comparison]  # by prompt hash; for grouping scores and validation
     test: list[Comparison] = field(default_factory=list)  # from the evaluation split, same natural client
+    # training-split pairs that data.max_train_pairs_per_client left out, in the cap's order: neither training
+    # nor grouping reads them, so settings can be chosen on them (benchmarks/paired_runs.py --split spare)
+    spare: list[Comparison] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +64,8 @@ def prepare_data(cfg, seed: int = 0) -> FederatedData:
         if not train:  # a small client whose every prompt hashed into its held-out slice: nothing to train on
             skipped[name] = len(held)
             continue
-        clients[name] = ClientData(name, cap(train, cfg.max_train_pairs_per_client), held)
+        kept, spare = cap_split(train, cfg.max_train_pairs_per_client)
+        clients[name] = ClientData(name, kept, held, spare=spare)
     report.skip_clients(skipped)
     if not clients:
         raise DataError(cfg.train_split, f"no client has training pairs (skipped: {sorted(skipped)})")

@@ -120,9 +120,15 @@ def heldout_split(pairs: list[Comparison], fraction: float) -> tuple[list[Compar
 
 def cap(pairs: list[Comparison], limit: int | None) -> list[Comparison]:
     """At most ``limit`` pairs, chosen by prompt hash so the choice is the same on every machine and run."""
+    return cap_split(pairs, limit)[0]
+
+
+def cap_split(pairs: list[Comparison], limit: int | None) -> tuple[list[Comparison], list[Comparison]]:
+    """(the ``limit`` pairs ``cap`` keeps, the rest in the same hash order)."""
     if limit is None or len(pairs) <= limit:
-        return pairs
-    return sorted(pairs, key=lambda p: (unit_hash(p.prompt, "cap:"), p.uid))[:limit]
+        return pairs, []
+    ordered = sorted(pairs, key=lambda p: (unit_hash(p.prompt, "cap:"), p.uid))
+    return ordered[:limit], ordered[limit:]
 
 
 def choose_unseen(names: list[str], spec: list[str] | float, seed: int) -> list[str]:
