@@ -94,3 +94,7 @@ def test_the_clusters_plot_ticks_the_clients_decided_relative_to_the_others(tmp_
     report._clusters_plot([run], tmp_path / "clusters.png")
     ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
     assert ticks == ["4\n0/2\nz 0.6", "8\n2/2\nz 5.0"]
+    assert "relative to the others" in figures[0].axes[0].get_xlabel()
+    run["groupings"] = run["groupings"][1:]  # raw counts only: the label does not claim relative ones
+    report._clusters_plot([run], tmp_path / "clusters.png")
+    assert "relative" not in figures[1].axes[0].get_xlabel()

@@ -527,8 +527,11 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
             else:  # a run logged before margins were recorded
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)
+        relative = any("relative_decided" in g for g in run["groupings"])
         ax.set(
-            xlabel="grouping round / clients decided / median z",
+            xlabel="grouping round / clients decided"
+            + (" relative to the others" if relative else "")
+            + " / median z",
             title=f"{run['name']}: cluster of each client",
         )
         ax.legend(
