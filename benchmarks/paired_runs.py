@@ -27,7 +27,8 @@ each seed's runs are scored once, as they finish:
 choice between settings is made on (the runs must partition the data alike, as arms of one script do). Where the
 arms differ in how many held-out pairs their groupings score, those pairs are not neutral; ``--split spare``
 judges instead each client's training pairs that ``data.max_train_pairs_per_client`` left out (the first
-``--spare-pairs`` in the cap's order), which neither training nor grouping reads.
+``--spare-pairs`` in the cap's order), which neither training nor grouping reads; runs compared there need the
+same cap (another cap leaves other pairs out).
 
 The JSON keeps every run's per-pair outcomes, so other paired statistics need no rescoring. And each run's
 per-pair outcomes are kept in ``paired/`` under the model cache (``model.cache_dir``, else ``$FEDBISCUIT_CACHE``, else
@@ -274,11 +275,16 @@ def main() -> None:
         "training pairs each client's cap left out (read by neither training nor grouping)",
     )
     p.add_argument(
-        "--spare-pairs", type=int, default=100, help="--split spare: pairs per client (default 100)"
+        "--spare-pairs", type=int, default=None, help="--split spare: pairs per client (default 100)"
     )
     args = p.parse_args()
     if not args.compare and not args.reuse:
         p.error("give at least one --compare or --reuse")
+    if args.spare_pairs is not None and args.split != "spare":
+        p.error(f"--spare-pairs={args.spare_pairs} applies to --split spare only")
+    if args.spare_pairs is not None and args.spare_pairs < 1:
+        p.error(f"--spare-pairs={args.spare_pairs} must be at least 1")
+    args.spare_pairs = args.spare_pairs or 100
 
     import torch
 

@@ -232,6 +232,9 @@ def test_heldout_split_judges_the_clients_heldout_slices_not_the_test_pairs(runs
 def test_spare_split_judges_the_training_pairs_the_cap_left_out(runs, tmp_path):
     done = _script("--split", "spare", "--compare", "untrained", str(runs["fedbis", 0]))
     assert done.returncode != 0 and "data.max_train_pairs_per_client left none out" in done.stderr
+    for bad in (["--spare-pairs", "0", "--split", "spare"], ["--spare-pairs", "5"]):  # refused, not ignored
+        done = _script(*bad, "--compare", "untrained", str(runs["fedbis", 0]))
+        assert done.returncode != 0 and "--spare-pairs=" in done.stderr
     folder = tmp_path / "capped"
     base, other = (_run(folder, a, 0, max_train_pairs_per_client=6) for a in ("fedbis", "fedbiscuit"))
     out = tmp_path / "spare.json"

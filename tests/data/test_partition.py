@@ -106,5 +106,13 @@ def test_cap_split_keeps_what_cap_keeps_and_the_rest_in_hash_order():
     kept, spare = cap_split(pairs, 10)
     assert kept == cap(pairs, 10)
     assert sorted(p.uid for p in kept + spare) == sorted(p.uid for p in pairs)
+    # a prompt with several pairs straddling the cut: its pairs beyond the cut are no spare pairs
+    twice = pairs + [
+        Comparison(p.prompt, p.response_b, p.response_a, 1 - p.label, p.client, "t", p.uid + "s")
+        for p in pairs
+    ]
+    kept2, spare2 = cap_split(twice, 11)
+    assert kept2 == cap(twice, 11) and not {p.prompt for p in kept2} & {p.prompt for p in spare2}
+    assert len(kept2) + len(spare2) < len(twice)  # the second pair of the prompt at the cut is dropped
     assert cap_split(list(reversed(pairs)), 10) == (kept, spare)  # the order is the hash's, not the input's
     assert cap_split(pairs, None) == (pairs, []) and cap_split(pairs, 50) == (pairs, [])

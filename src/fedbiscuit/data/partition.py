@@ -124,11 +124,14 @@ def cap(pairs: list[Comparison], limit: int | None) -> list[Comparison]:
 
 
 def cap_split(pairs: list[Comparison], limit: int | None) -> tuple[list[Comparison], list[Comparison]]:
-    """(the ``limit`` pairs ``cap`` keeps, the rest in the same hash order)."""
+    """(the ``limit`` pairs ``cap`` keeps, the rest in the same hash order, less any pair whose prompt the kept
+    pairs have: a prompt's pairs can straddle the cut, and the rest must share no prompt with what trains)."""
     if limit is None or len(pairs) <= limit:
         return pairs, []
     ordered = sorted(pairs, key=lambda p: (unit_hash(p.prompt, "cap:"), p.uid))
-    return ordered[:limit], ordered[limit:]
+    kept = ordered[:limit]
+    seen = {p.prompt for p in kept}
+    return kept, [p for p in ordered[limit:] if p.prompt not in seen]
 
 
 def choose_unseen(names: list[str], spec: list[str] | float, seed: int) -> list[str]:
