@@ -98,3 +98,11 @@ def test_the_clusters_plot_ticks_the_clients_decided_relative_to_the_others(tmp_
     run["groupings"] = run["groupings"][1:]  # raw counts only: the label does not claim relative ones
     report._clusters_plot([run], tmp_path / "clusters.png")
     assert "relative" not in figures[1].axes[0].get_xlabel()
+    # a run grouped by gradient directions only: the label names what its ticks show, no decided counts
+    run["groupings"] = [{"round": 4, "assignment": assignment, "median_margin": 1.61, "trusted": None}]
+    report._clusters_plot([run], tmp_path / "clusters.png")
+    assert [t.get_text() for t in figures[2].axes[0].get_xticklabels()] == ["4\ncos margin\n1.61"]
+    assert (
+        figures[2].axes[0].get_xlabel()
+        == "grouping round / median cosine margin (grouped by update directions)"
+    )

@@ -528,10 +528,14 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)
         relative = any("relative_decided" in g for g in run["groupings"])
+        by_direction = ["cos margin" in t for t in ticks]
+        label = ["grouping round"]
+        if not all(by_direction):  # some grouping scored held-out losses
+            label.append("clients decided" + (" relative to the others" if relative else "") + " / median z")
+        if any(by_direction):
+            label.append("median cosine margin (grouped by update directions)")
         ax.set(
-            xlabel="grouping round / clients decided"
-            + (" relative to the others" if relative else "")
-            + " / median z",
+            xlabel=" / ".join(label),
             title=f"{run['name']}: cluster of each client",
         )
         ax.legend(
