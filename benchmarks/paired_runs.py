@@ -51,6 +51,7 @@ from common import write_json
 
 SAME = ("seed", "data", "model", "selector", "eval")  # what a workspace is opened from
 UNTRAINED = "untrained"
+SPARE_PAIRS = 100  # --split spare: pairs per client by default
 
 
 def final_checkpoint(run: str) -> Path:
@@ -130,7 +131,7 @@ def _algorithm(folder: Path) -> str | None:
     )
 
 
-def judged_pairs(ws, split: str, spare: int = 100) -> tuple[list, list]:
+def judged_pairs(ws, split: str, spare: int = SPARE_PAIRS) -> tuple[list, list]:
     """(encoded pairs owned by their client, the texts behind them) of the test split, the held-out slices, or
     the first ``spare`` pairs each client's cap left out."""
     if split == "test":  # test_pairs() encodes all_test() in this order
@@ -149,7 +150,7 @@ def judged_pairs(ws, split: str, spare: int = 100) -> tuple[list, list]:
     return pairs, [t for members in texts.values() for t in members]
 
 
-def run_correct(ws, run: str, untrained: dict, split: str = "test", spare: int = 100):
+def run_correct(ws, run: str, untrained: dict, split: str = "test", spare: int = SPARE_PAIRS):
     """Per judged pair: 1 / 0 / 0.5 for the run's final selector(s), each pair judged by its client's selector."""
     import torch
 
@@ -275,7 +276,10 @@ def main() -> None:
         "training pairs each client's cap left out (read by neither training nor grouping)",
     )
     p.add_argument(
-        "--spare-pairs", type=int, default=None, help="--split spare: pairs per client (default 100)"
+        "--spare-pairs",
+        type=int,
+        default=None,
+        help=f"--split spare: pairs per client (default {SPARE_PAIRS})",
     )
     args = p.parse_args()
     if not args.compare and not args.reuse:
@@ -284,7 +288,7 @@ def main() -> None:
         p.error(f"--spare-pairs={args.spare_pairs} applies to --split spare only")
     if args.spare_pairs is not None and args.spare_pairs < 1:
         p.error(f"--spare-pairs={args.spare_pairs} must be at least 1")
-    args.spare_pairs = args.spare_pairs or 100
+    args.spare_pairs = args.spare_pairs or SPARE_PAIRS
 
     import torch
 

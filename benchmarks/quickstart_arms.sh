@@ -49,23 +49,23 @@ yaml.safe_dump(cfg, open(sys.argv[1], "w"), sort_keys=False)
 PY
 run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run $base "$@" name=$name seed=$seed \
           output_dir=$out --quiet --overwrite > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
+# overrides several arms share
+top2=(model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64)
+grad=(federated.fedbiscuit.grouping=gradients federated.fedbiscuit.grouping_pairs=null)
+grad1=("${grad[@]}" federated.fedbiscuit.regroup_every=20)
+tested=(data.eval_split=test eval.before_training=true)
 for arm in "${arms[@]}"; do
   case $arm in
     loss) run qs_loss_s$seed ;;
-    grad) run qs_grad_s$seed federated.fedbiscuit.grouping=gradients federated.fedbiscuit.grouping_pairs=null ;;
-    grad1) run qs_grad1_s$seed federated.fedbiscuit.grouping=gradients federated.fedbiscuit.grouping_pairs=null \
-             federated.fedbiscuit.regroup_every=20 ;;
+    grad) run qs_grad_s$seed "${grad[@]}" ;;
+    grad1) run qs_grad1_s$seed "${grad1[@]}" ;;
     p150) run qs_p150_s$seed data.max_train_pairs_per_client=150 ;;
-    test) run qs_test_s$seed data.eval_split=test eval.before_training=true ;;
-    demo) run qs_demo_s$seed federated.fedbiscuit.grouping=gradients federated.fedbiscuit.grouping_pairs=null \
-            federated.fedbiscuit.regroup_every=20 data.eval_split=test eval.before_training=true ;;
+    test) run qs_test_s$seed "${tested[@]}" ;;
+    demo) run qs_demo_s$seed "${grad1[@]}" "${tested[@]}" ;;
     all) run qs_all_s$seed federated.fedbiscuit.grouping_pairs=null ;;
-    top2) run qs_top2_s$seed model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64 ;;
-    top2all) run qs_top2all_s$seed model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64 \
-               federated.fedbiscuit.grouping_pairs=null ;;
-    top2grad1) run qs_top2grad1_s$seed model.lora.top_layers=2 model.lora.r=32 model.lora.alpha=64 \
-                 federated.fedbiscuit.grouping=gradients federated.fedbiscuit.grouping_pairs=null \
-                 federated.fedbiscuit.regroup_every=20 ;;
+    top2) run qs_top2_s$seed "${top2[@]}" ;;
+    top2all) run qs_top2all_s$seed "${top2[@]}" federated.fedbiscuit.grouping_pairs=null ;;
+    top2grad1) run qs_top2grad1_s$seed "${top2[@]}" "${grad1[@]}" ;;
     r20) run qs_r20_s$seed federated.rounds=20 federated.eval_every=20 eval.heldout_every=20 ;;
     *) echo "unknown arm $arm"; exit 2 ;;
   esac

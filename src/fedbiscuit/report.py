@@ -517,8 +517,10 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
         ax.imshow(grid, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
         ax.set_yticks(range(len(clients)), clients, fontsize=7)
         ticks = []
-        for g in run["groupings"]:
-            if g.get("trusted", False) is None and "median_margin" in g:  # grouped by update directions
+        # grouped by update directions: no trust judged, a median cosine margin
+        by_direction = [g.get("trusted", False) is None and "median_margin" in g for g in run["groupings"]]
+        for g, direction in zip(run["groupings"], by_direction, strict=True):
+            if direction:
                 ticks.append(f"{g['round']}\ncos margin\n{g['median_margin']:.2f}")
             elif "decided" in g:
                 decided, median_z = grouping_decided(g)
@@ -528,7 +530,6 @@ def _clusters_plot(clustered: list[dict], path: Path) -> None:
                 ticks.append(str(g["round"]))
         ax.set_xticks(range(len(run["groupings"])), ticks, fontsize=7)
         relative = any("relative_decided" in g for g in run["groupings"])
-        by_direction = ["cos margin" in t for t in ticks]
         label = ["grouping round"]
         if not all(by_direction):  # some grouping scored held-out losses
             label.append("clients decided" + (" relative to the others" if relative else "") + " / median z")
