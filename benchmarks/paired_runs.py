@@ -17,6 +17,9 @@ A run is a federated run folder (its last round checkpoint) or a centralized one
 Comparisons of the same two arms in several seeds (run folders named ``<arm>_s<seed>``) are also pooled: per
 pair the mean over the seeds, a paired bootstrap over the pairs and the sign test of the per-pair mean
 differences. That interval is conditional on the seeds run (it does not sample seeds), and says so.
+Each comparison prints what its two runs were trained with differently, read from their saved configs (the
+data, model, selector, train and federated sections, less bookkeeping), not from their names; and two seeds of one
+arm that were trained differently beyond the seed are not pooled, with the keys named.
 ``--reuse FILE`` adds the comparisons an earlier invocation wrote to its --json, without scoring them again, so
 each seed's runs are scored once, as they finish:
 
@@ -52,6 +55,17 @@ from common import write_json
 SAME = ("seed", "data", "model", "selector", "eval")  # what a workspace is opened from
 UNTRAINED = "untrained"
 SPARE_PAIRS = 100  # --split spare: pairs per client by default
+# Settings that do not change what a run's selectors learn (training_settings leaves them out). Why the check:
+# until session 19 benchmarks/fedbis_homogeneous.sh ran seeds of one arm under a config whose schedule had
+# changed in between, and their pool mixed two recipes unnoticed.
+BOOKKEEPING = {
+    "data.root",
+    "data.eval_split",  # what the test pairs are: checked on the pairs themselves
+    "data.max_eval_pairs_per_client",
+    "model.cache_dir",
+    "federated.eval_every",
+    "federated.checkpoint_every",
+}
 
 
 def final_checkpoint(run: str) -> Path:
@@ -199,6 +213,31 @@ def arm(run: str) -> str:
     return re.sub(r"_s\d+$", "", Path(run).name)
 
 
+def training_settings(cfg) -> dict:
+    """The settings that decide what a run's selectors learn, as dotted keys: its data, model, selector, train
+    and federated sections, less bookkeeping (where data and the cache live, how often it evaluates and
+    checkpoints, the Flower transport) and the seed. Two seeds of one arm must agree on every one of them."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    settings = flat(cfg.model_dump(mode="json", include={"data", "model", "selector", "train", "federated"}))
+    return {
+        k: v for k, v in settings.items() if k not in BOOKKEEPING and not k.startswith("federated.flower.")
+    }
+
+
+def settings_differ(many: list[dict | None]) -> dict[str, list]:
+    """{key: its values} for each setting on which the given runs' training settings disagree (runs without
+    known settings, the untrained selector or a comparison from an older --json, are left out)."""
+    known = [s for s in many if s is not None]
+    keys = sorted({k for s in known for k in s})
+    return {k: [s.get(k) for s in known] for k in keys if len({json.dumps(s.get(k)) for s in known}) > 1}
+
+
 def pair_key(pair) -> str:
     """A test pair's identity by content: two runs may partition and order the same pairs differently
     (a centralized run's clients are the subsets, a federated run's their parts)."""
@@ -308,8 +347,10 @@ def main() -> None:
         folders = [Path(r) for r in runs if r != UNTRAINED]
         if not folders:
             sys.exit("compare needs at least one run folder")
+        settings: list[dict | None] = []
         for i, run in enumerate(runs):
             cfg = load_config((Path(run) if run != UNTRAINED else folders[0]) / "config.yaml", [])
+            settings.append(None if run == UNTRAINED else training_settings(cfg))
             key = json.dumps(cfg.model_dump(include=set(SAME), mode="json"), sort_keys=True)
             if run == UNTRAINED:  # the untrained selector of the other run's model: one per workspace
                 run = runs[i] = f"{UNTRAINED}@{key}"
@@ -358,6 +399,12 @@ def main() -> None:
         ]
         c = compare(a, b, subsets)
         print(f"{other} against {base}:")
+        if None not in settings:  # what the two arms differ in, read from their configs, not their names
+            differ = settings_differ(settings)
+            print(
+                "  trained with    "
+                + ("; ".join(f"{k} {u} -> {v}" for k, (u, v) in differ.items()) or "the same settings")
+            )
         for k, v in c.items():
             print(f"  {k:28s} {fmt(v)}")
         diffs.append((a, b))
@@ -367,6 +414,7 @@ def main() -> None:
                 "other": other,
                 "comparison": c,
                 "runs": scored,
+                "settings": {"baseline": settings[0], "other": settings[1]},
                 # per test pair (sorted by pair key), so any other paired statistic can be computed later
                 "outcomes": {"subsets": subsets, str(base): a.tolist(), str(other): b.tolist()},
             }
@@ -396,6 +444,18 @@ def main() -> None:
             continue
         if len({tuple(results[i]["outcomes"]["subsets"]) for i in members}) > 1:
             print(f"not pooled: {other_arm} against {base_arm} judges different test pairs across seeds")
+            continue
+        mixed = {
+            name: settings_differ([results[i].get("settings", {}).get(side) for i in members])
+            for name, side in ((base_arm, "baseline"), (other_arm, "other"))
+        }
+        if any(mixed.values()):
+            said = "; ".join(
+                f"{name}: {k} {' / '.join(map(str, v))}" for name, d in mixed.items() for k, v in d.items()
+            )
+            print(
+                f"not pooled: {other_arm} against {base_arm}: the seeds of one arm were trained differently ({said})"
+            )
             continue
         a = torch.stack([diffs[i][0] for i in members]).mean(0)
         b = torch.stack([diffs[i][1] for i in members]).mean(0)

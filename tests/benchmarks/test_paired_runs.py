@@ -17,11 +17,12 @@ from fedbiscuit.pipeline import run_centralized, run_federated
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paired_runs.py"
 
 
-def _run(folder: Path, algorithm: str, seed: int, **data) -> Path:
+def _run(folder: Path, algorithm: str, seed: int, lr: float = 1e-2, **data) -> Path:
     raw = planted_run_config(
         folder,
         f"{algorithm}_s{seed}",
         seed=seed,
+        lr=lr,
         noise=0.1,
         test_pairs=12,
         algorithm=algorithm,
@@ -125,6 +126,38 @@ def test_each_pair_of_arms_pools_over_its_own_seeds(runs, tmp_path):
         mine = [c for c in mine if (c["baseline"] == "untrained") == (base == "untrained")]
         mean = sum(c["comparison"]["overall"]["difference"] for c in mine) / len(mine)
         assert pool["seeds"] == 2 and pool["pooled"]["overall"]["difference"] == pytest.approx(mean, abs=1e-6)
+
+
+def test_seeds_of_one_arm_trained_differently_are_not_pooled(runs, tmp_path):
+    """Each comparison says what its two runs were trained with differently (read from their configs), and two
+    seeds of one arm whose training settings differ beyond the seed are not pooled: the pool would mix recipes."""
+    odd = _run(tmp_path, "fedbis", 1, lr=3e-3)  # "fedbis_s1" by name, another rate
+    out = tmp_path / "paired.json"
+    done = _script(
+        "--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 0]),
+        "--compare", str(odd), str(runs["fedbiscuit", 1]),
+        "--compare", "untrained", str(runs["fedbis", 0]),
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "federated.algorithm fedbis -> fedbiscuit" in done.stdout
+    said = [line for line in done.stdout.splitlines() if "trained with" in line]
+    assert len(said) == 2 and not any("seed" in line for line in said)  # none for the untrained selector
+    assert "train.lr 0.003 -> 0.01" in said[1]
+    assert "not pooled: fedbiscuit against fedbis" in done.stdout and "train.lr 0.01 / 0.003" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["pools"] == []
+    assert result["comparisons"][2]["settings"]["baseline"] is None  # the untrained selector: nothing to read
+    # the JSON keeps each run's settings, so a later --reuse refuses the same pool
+    again = _script("--reuse", str(out), "--json", str(tmp_path / "again.json"))
+    assert again.returncode == 0 and "not pooled" in again.stdout, again.stderr[-2000:]
+    # seeds trained alike pool as before
+    same = _script(
+        "--compare", str(runs["fedbis", 0]), str(runs["fedbiscuit", 0]),
+        "--compare", str(runs["fedbis", 1]), str(runs["fedbiscuit", 1]),
+        cache=tmp_path / "cache",
+    )  # fmt: skip
+    assert same.returncode == 0 and "pooled over 2 seeds" in same.stdout, same.stderr[-2000:]
 
 
 def test_runs_on_different_pairs_are_refused(runs, tmp_path):
