@@ -65,6 +65,7 @@ BOOKKEEPING = {
     "model.cache_dir",
     "federated.eval_every",
     "federated.checkpoint_every",
+    "train.log_every",
 }
 
 

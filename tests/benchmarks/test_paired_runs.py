@@ -160,6 +160,31 @@ def test_seeds_of_one_arm_trained_differently_are_not_pooled(runs, tmp_path):
     assert same.returncode == 0 and "pooled over 2 seeds" in same.stdout, same.stderr[-2000:]
 
 
+def test_settings_that_do_not_change_training_are_not_compared(tmp_path, monkeypatch):
+    """How often a run logs, evaluates or checkpoints decides nothing it learns: two seeds differing only there
+    still pool; a rate does not."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its neighbour common.py
+    spec = importlib.util.spec_from_file_location("paired_runs_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    raw = planted_run_config(tmp_path, "a", rounds=2)
+    settings = []
+    for lr, every in ((raw["train"]["lr"], 2), (raw["train"]["lr"], 1), (3e-3, 2)):
+        one = json.loads(json.dumps(raw))
+        one["train"]["lr"] = lr
+        one["federated"]["eval_every"] = one["federated"]["checkpoint_every"] = every
+        settings.append(script.training_settings(config_from_dict(one)))
+    assert "train.lr" in settings[0] and "federated.rounds" in settings[0]
+    assert not {"federated.eval_every", "federated.checkpoint_every", "train.log_every", "seed"} & set(
+        settings[0]
+    )
+    assert script.settings_differ(settings[:2]) == {}
+    assert script.settings_differ(settings) == {"train.lr": [raw["train"]["lr"], raw["train"]["lr"], 3e-3]}
+    assert script.settings_differ([None, settings[2]]) == {}  # the untrained selector: nothing to compare
+
+
 def test_runs_on_different_pairs_are_refused(runs, tmp_path):
     raw = planted_run_config(tmp_path, "fewer", noise=0.1, test_pairs=12, rounds=1, clients_per_round=4)
     raw["data"]["max_eval_pairs_per_client"] = 6
