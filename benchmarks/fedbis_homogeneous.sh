@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 a13 a14 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
-# Figures: BENCHMARKS.md, "Homogeneous raters" and "Issue 18, session 19" (a7, a8, a9 in three seeds as labelled). The centralized reference: fedbiscuit run configs/hh_centralized.yaml
-# name=hb_central "data.subsets=[helpful-base]" output_dir=runs/issue18
+# Figures: BENCHMARKS.md, "Homogeneous raters" and "Issue 18, session 19" (a7, a8, a9 in three seeds as labelled).
+# The centralized reference: fedbiscuit run configs/hh_centralized.yaml name=hb_central "data.subsets=[helpful-base]"
+# output_dir=runs/issue18
 # Homogeneous raters: helpful-base in 4 clients, all 4 each round, 31 rounds x 4 local steps x 8 pairs
 # (3,968 pairs shown; the centralized helpful-base run shows 500 x 8 = 4,000). One thread per run, two at once.
 cd "$(dirname "$0")/.."
@@ -11,9 +12,8 @@ export FEDBISCUIT_DATA_DIR=${FEDBISCUIT_DATA_DIR:-../shared/data} OMP_NUM_THREAD
 # a choice between arms is made on (the test pairs only report it)
 # train.batch_size=8 train.schedule=constant train.warmup_steps=0: every arm starts from session 6's recipe and
 # names its own changes. Why pinned: configs/hh_fedbis.yaml gained 2-pair batches, warm-up 50 and cosine at
-# c55efb9 (session 7), after a0-a2 and a7's seed 0 ran;
-# until session 19 every arm run later (a7's seeds 1 and 2, a9, a11-a14) inherited that schedule unnamed
-# (BENCHMARKS.md, "Issue 18, session 19").
+# c55efb9 (session 7), after a0-a2 and a7's seed 0 ran; until session 19 every arm run later (a7's seeds 1 and 2,
+# a9, a11-a14) inherited that schedule unnamed (BENCHMARKS.md, "Issue 18, session 19").
 common=("data.subsets=[helpful-base]" federated.clients_per_round=4 federated.local_steps=4 federated.rounds=31
         federated.eval_every=31 federated.checkpoint_every=31 train.lr=1e-3 output_dir=runs/issue18
         eval.heldout_every=31 train.batch_size=8 train.schedule=constant train.warmup_steps=0)

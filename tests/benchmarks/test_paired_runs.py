@@ -163,12 +163,10 @@ def test_seeds_of_one_arm_trained_differently_are_not_pooled(runs, tmp_path):
 def test_settings_that_do_not_change_training_are_not_compared(tmp_path, monkeypatch):
     """How often a run logs, evaluates or checkpoints decides nothing it learns: two seeds differing only there
     still pool; a rate does not."""
-    import importlib.util
+    import importlib
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its neighbour common.py
-    spec = importlib.util.spec_from_file_location("paired_runs_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script and its neighbour common.py
+    script = importlib.import_module(SCRIPT.stem)
     raw = planted_run_config(tmp_path, "a", rounds=2)
     settings = []
     for lr, every in ((raw["train"]["lr"], 2), (raw["train"]["lr"], 1), (3e-3, 2)):
