@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
-# Figures: BENCHMARKS.md, "Homogeneous raters" and "Issue 18, session 19" (a7, a8, a9 in three seeds as labelled).
+# Figures: BENCHMARKS.md, "Homogeneous raters", "Issue 18, session 19" (a7, a8, a9) and "Issue 18, session 20" (a0,
+# a13, a14, a15), each of those in three seeds as labelled.
 # The centralized reference: fedbiscuit run configs/hh_centralized.yaml name=hb_central "data.subsets=[helpful-base]"
 # output_dir=runs/issue18
 # Homogeneous raters: helpful-base in 4 clients, all 4 each round, 31 rounds x 4 local steps x 8 pairs

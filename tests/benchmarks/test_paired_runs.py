@@ -1,6 +1,7 @@
 """benchmarks/paired_runs.py on two tiny finished runs with planted preferences (even clients prefer "yes", odd
 ones "no"): one FedBis selector cannot serve both groups, FedBiscuit's two clusters can."""
 
+import copy
 import json
 import os
 import subprocess
@@ -170,7 +171,7 @@ def test_settings_that_do_not_change_training_are_not_compared(tmp_path, monkeyp
     raw = planted_run_config(tmp_path, "a", rounds=2)
     settings = []
     for lr, every in ((raw["train"]["lr"], 2), (raw["train"]["lr"], 1), (3e-3, 2)):
-        one = json.loads(json.dumps(raw))
+        one = copy.deepcopy(raw)
         one["train"]["lr"] = lr
         one["federated"]["eval_every"] = one["federated"]["checkpoint_every"] = every
         settings.append(script.training_settings(config_from_dict(one)))
