@@ -38,7 +38,8 @@ common=("data.subsets=[helpful-base]" data.max_eval_pairs_per_client=null rlhf.n
         rlhf.eval_prompts=${EVAL:-320} rlhf.best_of_n=0 rlhf.judge.kind=selector rlhf.judge.checkpoint=$gold
         seed=$seed output_dir=$out --quiet --overwrite)
 curve=(rlhf.curve_every=${CURVE:-0})
-run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_rlhf_dpo.yaml "$@" \
+# the selector arms run configs/hh_rlhf_dpo.yaml; the baselines configs/hh_rlhf_baselines.yaml (CONFIG=...)
+run() { local name=$1; shift; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run ${CONFIG:-configs/hh_rlhf_dpo.yaml} "$@" \
           name=$name "${common[@]}" > $out/$name.log 2>&1; echo "$name done $(date +%T)" >> $out/arms.done; }
 # a labeller trained here counts as there only once its last round's checkpoint is (a failed or stopped run's
 # folder is trained again, not read half-done)
@@ -73,8 +74,9 @@ for arm in "${arms[@]}"; do
     fedbiscuit_k4) run dpo_fedbiscuit_k4_s$seed rlhf.selectors_from=runs/issue18/all_fedbiscuit_k4_grad_s0 "${curve[@]}" ;;
     # 16 rounds x 4 clients x 2 local steps x 4 pairs: the 512 pairs the selector arms' DPO shows (128 steps x 4)
     # (the config's 8 rounds showed half; sequential steps: 32 against 128)
-    # (rlhf.dpo.epochs=1, the default: a baseline's length is its rounds, and the config's 2 is refused there)
-    feddpo|fedsft) run dpo_${arm}_s$seed rlhf.method=$arm rlhf.selectors_from=null federated.rounds=16 rlhf.dpo.epochs=1 ;;
+    # (until session 21 these ran configs/hh_rlhf_dpo.yaml with rlhf.selectors_from=null rlhf.dpo.epochs=1, whose
+    # train section and federated.eval_every they did not read: the same runs)
+    feddpo|fedsft) CONFIG=configs/hh_rlhf_baselines.yaml run dpo_${arm}_s$seed rlhf.method=$arm federated.rounds=16 ;;
     *) echo "unknown arm $arm (central fedbis fedbiscuit fedbiscuit_k2loss fedbiscuit_k4 feddpo fedsft)"; exit 2 ;;
   esac
 done

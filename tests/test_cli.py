@@ -388,7 +388,8 @@ def test_a_launcher_trains_the_selector_one_process_trains(config, tmp_path):
 
     # phase 2 on the finished selector: generation and DPO split across the processes, the same policy
     raw = yaml.safe_load(config.read_text())
-    del raw["train"]["steps"]  # a phase-2 run trains no selector: its length is not train's to set
+    # a phase-2 run on finished selectors trains none: phase 1's settings are refused there (config.py)
+    del raw["train"]
     config = tmp_path / "p2.yaml"
     config.write_text(yaml.safe_dump(raw))
     p2 = [

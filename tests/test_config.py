@@ -175,6 +175,7 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
 # the phase-2 baselines on the clients' own pairs, judged by the base model (kind=phase1 needs phase-1 selectors)
 FEDDPO = {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}}
 FEDSFT = {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}}
+_FROM = {"pipeline": "rlhf", "rlhf": {"selectors_from": "runs/x", "judge": {"kind": "hf"}}}
 
 
 def _judged_by(kind: str) -> dict:
@@ -252,6 +253,26 @@ def _judged_by(kind: str) -> dict:
             FEDDPO,
             "rlhf.swap_average=false",
             r"rlhf.swap_average does nothing",
+        ),
+        # phase 1's settings where phase 1 does not run: a finished run's selectors, or a baseline
+        (
+            _FROM,
+            "federated.rounds=20",
+            r"federated.rounds is set, but rlhf.selectors_from=runs/x reads selectors already trained",
+        ),
+        (_FROM, "train.lr=0.01", r"train.lr is set, but rlhf.selectors_from=runs/x"),
+        (_FROM, "eval.before_training=false", r"eval.before_training is set, but rlhf.selectors_from"),
+        (FEDSFT, "train.batch_size=2", r"train.batch_size is set, but rlhf.method=fedsft trains no selector"),
+        (
+            FEDDPO,
+            "train.schedule=linear",
+            r"train.schedule is set, but rlhf.method=feddpo trains no selector",
+        ),
+        (FEDDPO, "federated.eval_every=3", r"federated.eval_every is set, but rlhf.method=feddpo"),
+        (
+            FEDDPO,
+            "federated.personalize_steps=4",
+            r"federated.personalize_steps is set, but rlhf.method=feddpo",
         ),
         # a judge's settings for another kind of judge
         (
@@ -360,6 +381,10 @@ def test_settings_are_accepted_where_they_are_read(tmp_path):
         ).rlhf.best_of_n
         == 0
     )  # off: what it does
+    # phase 1's settings where phase 1 runs (no selectors_from), and a baseline's rounds
+    assert load_config(rl, ["federated.rounds=20", "train.lr=0.01"]).train.lr == 0.01
+    baseline = ["rlhf.method=feddpo", "rlhf.judge.kind=hf", "rlhf.judge.model=null", "rlhf.judge.url=null"]
+    assert load_config(rl, [*baseline, "federated.rounds=20"]).federated.rounds == 20
 
 
 def test_one_order_is_refused_where_a_federated_run_starts_not_where_it_is_read(tmp_path):

@@ -791,6 +791,29 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _phase2_without_phase1(self) -> RunConfig:
+        # Phase 2 trains selectors only when it runs phase 1 itself (method=selectors without selectors_from).
+        # A finished run's selectors or a baseline leave phase 1's settings unread: setting one is an error here,
+        # not a no-op. (The baselines do read the federated section: their policy adapter's rounds.)
+        rl = self.rlhf
+        if self.pipeline != "rlhf" or (rl.method == "selectors" and not rl.selectors_from):
+            return self
+        if rl.method == "selectors":
+            why = f"rlhf.selectors_from={rl.selectors_from} reads selectors already trained, so phase 1 does not run"
+            unread = [f"federated.{k}" for k in _changed(self.federated)]
+        else:
+            why = (
+                f"rlhf.method={rl.method} trains no selector: its policy adapter follows rlhf.dpo through the "
+                "federated section's rounds, with no selector to evaluate"
+            )
+            unread = [f"federated.{k}" for k in _changed(self.federated, ["eval_every", "personalize_steps"])]
+        unread += [f"train.{k}" for k in _changed(self.train)]
+        unread += [f"eval.{k}" for k in _changed(self.eval, ["before_training"])]
+        if unread:
+            raise ValueError(f"{unread[0]} is set, but {why}: remove it")
+        return self
+
+    @model_validator(mode="after")
     def _settings_of_another_path_or_model(self) -> RunConfig:
         if self.pipeline != "centralized" and _changed(self.train, ["log_every"]):
             raise ValueError(
@@ -824,15 +847,6 @@ class RunConfig(_Section):
         if t.min_lr_ratio != 0.0 and t.schedule == "constant":
             raise ValueError(
                 f"train.min_lr_ratio={t.min_lr_ratio} is the floor of a decay: set train.schedule to linear or cosine"
-            )
-        if (
-            self.pipeline == "rlhf"
-            and self.rlhf.method != "selectors"
-            and (t.schedule != "constant" or t.warmup_steps)
-        ):
-            raise ValueError(
-                f"train.schedule / train.warmup_steps set the selectors' rate; rlhf.method={self.rlhf.method!r} "
-                "trains no selector (its policy follows rlhf.dpo): leave them at constant / 0"
             )
         if self.pipeline == "rlhf" and self.eval.heldout_every is not None:
             raise ValueError(

@@ -49,6 +49,13 @@ def rlhf_config(tmp_path, name="rl", algorithm=None, **rlhf):
         "judge": {"kind": "phase1"},  # by name: the test runs have no independent judge
         **rlhf,
     }
+    # where phase 1 does not run, its settings would be refused (config.py): a baseline has no train section
+    # and no selector to evaluate; a finished run's selectors, no federated section either
+    if baseline or rlhf.get("selectors_from"):
+        del raw["train"], raw["eval"]["before_training"]
+        raw["federated"].pop("eval_every")
+    if rlhf.get("selectors_from"):
+        del raw["federated"]
     return raw
 
 
@@ -177,6 +184,7 @@ def test_baselines_train_the_policy_through_the_engine(tmp_path, method):
     out = run(config_from_dict(raw, "test"), quiet=True)
     rounds = events(out, "round")
     assert len(rounds) == 4 and all(len(r["clients"]) == 2 for r in rounds)
+    assert all(r["lr"] == pytest.approx(raw["rlhf"]["dpo"]["lr"]) for r in rounds)  # the policy's rate
     assert out["dpo"]["steps"] == 4
     assert out["judge"] == "the untuned base model" and "best_of_n" not in out
     state, _ = read_adapter(out["policy_checkpoint"])

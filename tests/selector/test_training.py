@@ -131,7 +131,9 @@ def test_schedule_settings_that_would_be_ignored_are_errors_naming_the_key():
         )
     with pytest.raises(ConfigError, match=r"train.min_lr_ratio=0.1 is the floor of a decay"):
         config_from_dict({"train": {"min_lr_ratio": 0.1}})
-    with pytest.raises(ConfigError, match=r"rlhf.method='feddpo' trains no selector"):
+    with pytest.raises(
+        ConfigError, match=r"train.schedule is set, but rlhf.method=feddpo trains no selector"
+    ):
         config_from_dict(
             {
                 "pipeline": "rlhf",

@@ -392,7 +392,9 @@ class Phase2:
 
         ws, cfg = self.ws, self.cfg
         fed = cfg.federated.model_copy(update={"algorithm": "fedbis"})
-        run_cfg = cfg.model_copy(update={"federated": fed})
+        # the round log's rate is the policy's (rlhf.dpo.lr), not train.lr, which a baseline leaves unset
+        train = cfg.train.model_copy(update={"lr": cfg.rlhf.dpo.lr})
+        run_cfg = cfg.model_copy(update={"federated": fed, "train": train})
         clients = [
             PolicyClient(i, c, ws.tokenizer, cfg, sft=self.rl.method == "fedsft")
             for i, c in enumerate(ws.data.clients.values())
