@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15 c0;
+# usage: bash benchmarks/fedbis_homogeneous.sh ARM [ARM]   (one or two arms side by side: a0 a1 a2 a4 a6 a7 a8 a9 a10 a11 a12 a13 a14 a15 a16 c0;
 # each writes runs/issue18/<name>/; SEED=N in the environment: seed N, the names ending in _sN; default 0, no suffix)
 # Figures: BENCHMARKS.md, "Homogeneous raters", "Issue 18, session 19" (a7, a8, a9) and "Issue 18, session 20" (a0,
 # a13, a14, a15), each of those in three seeds as labelled.
@@ -55,6 +55,11 @@ arm() {
     # (rate 1, momentum 0.9): they move 10x FedAvg's step once momentum builds, which a2 showed overshoots
     a15) run hb_a15_seq_avgm train.batch_size=2 federated.local_steps=16 federated.server_optimizer.name=avgm \
            federated.server_optimizer.lr=0.1 federated.server_optimizer.momentum=0.9 ;;
+    # a9's kept AdamW state at a11's doubled client rate: the two changes that moved the test pairs up (a9 +1.8,
+    # a11 on the Intel Xeon), together; kept state removes the cold sign-like first steps, the rate restores the
+    # signal a 2-pair step loses to noise (a11's note)
+    a16) run hb_a16_seq_keepopt_lr2 train.batch_size=2 federated.local_steps=16 federated.reset_optimizer=false \
+           train.lr=2e-3 ;;
     # the centralized reference on the same pairs (500 steps x 8 pairs, warm-up 50, cosine)
     c0) mkdir -p runs/issue18; /usr/bin/time -f "%e s" .venv/bin/fedbiscuit run configs/hh_centralized.yaml name=hb_central$sfx \
           seed=$seed "data.subsets=[helpful-base]" output_dir=runs/issue18 --quiet --overwrite > runs/issue18/hb_central$sfx.log 2>&1
