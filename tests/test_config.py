@@ -175,7 +175,8 @@ def test_a_grouping_rule_refuses_the_pair_count_of_another(tmp_path):
 # the phase-2 baselines on the clients' own pairs, judged by the base model (kind=phase1 needs phase-1 selectors)
 FEDDPO = {"pipeline": "rlhf", "rlhf": {"method": "feddpo", "judge": {"kind": "hf"}}}
 FEDSFT = {"pipeline": "rlhf", "rlhf": {"method": "fedsft", "judge": {"kind": "hf"}}}
-_FROM = {"pipeline": "rlhf", "rlhf": {"selectors_from": "runs/x", "judge": {"kind": "hf"}}}
+# phase 2 on the selectors of a finished run: phase 1 does not run
+FROM_RUN = {"pipeline": "rlhf", "rlhf": {"selectors_from": "runs/x", "judge": {"kind": "hf"}}}
 
 
 def _judged_by(kind: str) -> dict:
@@ -256,12 +257,12 @@ def _judged_by(kind: str) -> dict:
         ),
         # phase 1's settings where phase 1 does not run: a finished run's selectors, or a baseline
         (
-            _FROM,
+            FROM_RUN,
             "federated.rounds=20",
             r"federated.rounds is set, but rlhf.selectors_from=runs/x reads selectors already trained",
         ),
-        (_FROM, "train.lr=0.01", r"train.lr is set, but rlhf.selectors_from=runs/x"),
-        (_FROM, "eval.before_training=false", r"eval.before_training is set, but rlhf.selectors_from"),
+        (FROM_RUN, "train.lr=0.01", r"train.lr is set, but rlhf.selectors_from=runs/x"),
+        (FROM_RUN, "eval.before_training=false", r"eval.before_training is set, but rlhf.selectors_from"),
         (FEDSFT, "train.batch_size=2", r"train.batch_size is set, but rlhf.method=fedsft trains no selector"),
         (
             FEDDPO,
