@@ -149,6 +149,20 @@ class RunDir:
     def truncate_metrics(self, resume_round: int) -> None:
         """Keep what the checkpoint of ``resume_round`` had seen: rounds before it, and the evaluation taken
         at it (evaluations are logged with the number of rounds done). A line torn by a kill is dropped."""
+
+        def seen(record: dict) -> bool:
+            r = record.get("round", -1)
+            return r < resume_round or (
+                record.get("event") == "eval" and r == resume_round and resume_round > 0
+            )
+
+        self._keep_records(seen)
+
+    def drop_events(self, events: set[str]) -> None:
+        """Drop every record of these event kinds (and any line torn by a kill)."""
+        self._keep_records(lambda record: record.get("event") not in events)
+
+    def _keep_records(self, keep) -> None:
         if not self.metrics_path.is_file():
             return
         kept = []
@@ -157,8 +171,7 @@ class RunDir:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            r = record.get("round", -1)
-            if r < resume_round or (record.get("event") == "eval" and r == resume_round and resume_round > 0):
+            if keep(record):
                 kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 

@@ -101,6 +101,11 @@ def test_offline_run_labels_trains_and_evaluates(tmp_path):
     gens = {g["desc"]: g for g in events(again, "generation")}
     assert gens["candidates (1/1)"]["from_cache"] and gens["reference answers"]["from_cache"]
     assert again["labels"] == labels
+    # resumed when finished: phase 1 from its last checkpoint, phase 2 again, the earlier attempt's records gone
+    resumed = run(cfg, quiet=True, resume=True)
+    assert [w["label"] for w in events(resumed, "winrate")] == ["initial policy", "tuned policy"]
+    assert [d["step"] for d in events(resumed, "dpo")] == list(range(1, out["dpo"]["steps"] + 1))
+    assert len(events(resumed, "phase2_done")) == 1 and resumed["labels"] == labels
 
 
 def test_iterative_mode_regenerates_from_the_current_policy(tmp_path):
@@ -189,6 +194,9 @@ def test_baselines_train_the_policy_through_the_engine(tmp_path, method):
     assert out["judge"] == "the untuned base model" and "best_of_n" not in out
     state, _ = read_adapter(out["policy_checkpoint"])
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+    # a baseline checkpoints nothing it reads back: resumed, it trains again, and its summary counts one attempt
+    again = run(config_from_dict(raw, "test"), quiet=True, resume=True)
+    assert len(events(again, "round")) == 4 and again["dpo"]["loss"] == pytest.approx(out["dpo"]["loss"])
 
 
 def test_policy_clients_send_only_adapter_tensors_and_numbers(tmp_path):
@@ -233,9 +241,20 @@ def test_phase2_config_errors_name_the_key(tmp_path):
     config_from_dict(raw, "test")
 
 
-def test_an_hf_judge_on_another_model_reads_with_its_own_tokenizer(tmp_path):
+def test_an_hf_judge_on_another_model_reads_with_its_own_tokenizer(tmp_path, monkeypatch):
     """judge.kind=hf with judge.model: a second causal LM, loaded with its own tokenizer, judges on the full path."""
+    from fedbiscuit.rlhf import judges
+
+    batches = []
+
+    def recorded(model, encoder, encoded, choice_ids, batch_size, **kw):
+        batches.append(batch_size)
+        return score_pairs(model, encoder, encoded, choice_ids, batch_size, **kw)
+
+    score_pairs = judges.score_pairs
+    monkeypatch.setattr(judges, "score_pairs", recorded)
     raw = rlhf_config(tmp_path, method="feddpo", judge={"kind": "hf", "model": "tiny"}, best_of_n=0)
+    raw["eval"]["batch_size"] = 3
     out = run(config_from_dict(raw, "test"), quiet=True)
     assert out["judge"] == "tiny, untuned"
     initial, tuned = events(out, "winrate")
@@ -243,6 +262,7 @@ def test_an_hf_judge_on_another_model_reads_with_its_own_tokenizer(tmp_path):
     assert tuned["judge"] == "tiny" and tuned["prompts"] == 4 and tuned["unparsed"] == 0
     assert tuned["wins"] + tuned["losses"] + tuned["ties"] + tuned["identical"] == 4
     assert out["final"]["win_rate"] == tuned["win_rate"]
+    assert batches and set(batches) == {3}  # the judge scores in eval.batch_size batches
 
 
 def test_selectors_from_brings_their_own_adapter_shape_and_template(tmp_path):

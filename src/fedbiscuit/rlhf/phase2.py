@@ -129,6 +129,7 @@ def choose_prompts(ws: Workspace) -> tuple[list[str], list[str], list[str]]:
 def build_judge(ws: Workspace, selectors: dict | None):
     """(judge, note on its independence)."""
     j, cfg = ws.cfg.rlhf.judge, ws.cfg
+    batch = cfg.eval.batch_size  # a selector judge scores as the selectors do
     if j.kind == "openai":
         return OpenAIJudge(j.url, j.model, j.api_key_env, j.timeout_s), "an external model"
     if j.kind == "hf":
@@ -136,28 +137,28 @@ def build_judge(ws: Workspace, selectors: dict | None):
             # the base model with adapters off reads token ids: the full path (LoRA settings without top_layers)
             encoder, choice_ids = _encoder(ws, LoraSettings())
             return SelectorJudge(
-                ws.model, encoder, choice_ids, None, None, "base model"
+                ws.model, encoder, choice_ids, None, None, "base model", batch
             ), "the untuned base model"
         model, tokenizer = load_model(
             ModelConfig(name_or_path=j.model, dtype=cfg.model.dtype, device=cfg.model.device)
         )
         # its own tokenizer and token ids, on the full path (no trunk of the run's model can serve it)
         encoder, choice_ids = _encoder(ws, LoraSettings(), tokenizer=tokenizer, model=model)
-        return SelectorJudge(model, encoder, choice_ids, None, None, j.model), f"{j.model}, untuned"
+        return SelectorJudge(model, encoder, choice_ids, None, None, j.model, batch), f"{j.model}, untuned"
     if j.kind == "selector":  # the config requires its checkpoint
         state, meta = read_adapter(j.checkpoint)
         lora = LoraSettings(**json.loads(meta["lora"])) if "lora" in meta else cfg.model.lora
         if JUDGE not in ws.model.peft_config:
             ws.model = add_adapter(ws.model, JUDGE, lora, seed=0)
         encoder, choice_ids = _encoder(ws, lora)
-        return SelectorJudge(ws.model, encoder, choice_ids, state, JUDGE, f"selector {j.checkpoint}"), (
-            f"the selector in {j.checkpoint}"
-        )
+        return SelectorJudge(
+            ws.model, encoder, choice_ids, state, JUDGE, f"selector {j.checkpoint}", batch
+        ), (f"the selector in {j.checkpoint}")
     # kind: phase1, chosen by name
     if not selectors:
         raise ValueError("rlhf.judge.kind=phase1 needs phase-1 selectors, and this run has none")
     name, state = next(iter(selectors.items()))
-    return SelectorJudge(ws.model, ws.encoder, ws.choice_ids, state, SELECTOR, name), (
+    return SelectorJudge(ws.model, ws.encoder, ws.choice_ids, state, SELECTOR, name, batch), (
         f"phase-1 {name}: NOT independent (it also labelled the training pairs; rlhf.judge.kind=phase1); set "
         "rlhf.judge.checkpoint to a selector trained on data the policy never saw"
     )
@@ -208,6 +209,10 @@ def _point(row: dict, *keys: str) -> dict:
     }
 
 
+# what phase 2 logs (a baseline's rounds aside): the records a resumed run drops before it redoes phase 2
+PHASE2_EVENTS = {"generation", "labels", "dpo", "winrate", "best_of_n", "curve", "phase2_done"}
+
+
 class Phase2:
     def __init__(self, ws: Workspace, run: RunDir):
         self.ws, self.rundir, self.cfg, self.rl = ws, run, ws.cfg, ws.cfg.rlhf
@@ -253,6 +258,11 @@ class Phase2:
         summary: dict = {"run_dir": str(self.rundir.path), "method": rl.method}
         start = time.perf_counter()
         selectors = None
+        phase1 = rl.method == "selectors" and not rl.selectors_from
+        if resume and not phase1:
+            # nothing of phase 2 is checkpointed: a resumed run redoes it whole (its generations come back from
+            # the cache), so the earlier attempt's records go, or a baseline would average two attempts' rounds
+            self.rundir.truncate_metrics(-1)
         if rl.method == "selectors":
             if rl.selectors_from:
                 selectors = load_selectors(rl.selectors_from)
@@ -260,6 +270,8 @@ class Phase2:
             else:
                 state, summary["phase1"] = train_federated(ws, self.rundir, resume)
                 selectors = state.selectors
+                if resume:  # phase 1 kept what its checkpoint had seen; phase 2 starts again after it
+                    self.rundir.drop_events(PHASE2_EVENTS)
         self._timed("phase1", start)
         ws.model = add_adapter(ws.model, POLICY, rl.dpo.lora, seed=cfg.seed)
         train_prompts, eval_prompts, data_refs = choose_prompts(ws)
