@@ -271,6 +271,11 @@ def _judged_by(kind: str) -> dict:
         ),
         (FEDDPO, "federated.eval_every=3", r"federated.eval_every is set, but rlhf.method=feddpo"),
         (
+            _judged_by("hf"),
+            "federated.flower.num_clients=4",
+            r"federated.flower.num_clients is set, but the Flower engine runs pipeline=federated only",
+        ),
+        (
             FEDDPO,
             "federated.personalize_steps=4",
             r"federated.personalize_steps is set, but rlhf.method=feddpo",

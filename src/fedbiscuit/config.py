@@ -814,6 +814,17 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _flower_runs_phase1_only(self) -> RunConfig:
+        changed = _changed(self.federated.flower)
+        if self.pipeline == "rlhf" and changed:
+            raise ValueError(
+                f"federated.flower.{changed[0]} is set, but the Flower engine runs pipeline=federated only; "
+                "pipeline=rlhf runs on the local engine (train the selectors with Flower, then run phase 2 with "
+                "rlhf.selectors_from=<that run>)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _settings_of_another_path_or_model(self) -> RunConfig:
         if self.pipeline != "centralized" and _changed(self.train, ["log_every"]):
             raise ValueError(

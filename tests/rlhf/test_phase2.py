@@ -199,6 +199,31 @@ def test_baselines_train_the_policy_through_the_engine(tmp_path, method):
     assert len(events(again, "round")) == 4 and again["dpo"]["loss"] == pytest.approx(out["dpo"]["loss"])
 
 
+@pytest.mark.parametrize("method", ["selectors", "feddpo"])
+def test_evaluation_prompts_are_never_prompts_the_policy_trained_on(tmp_path, method):
+    from types import SimpleNamespace
+
+    from fedbiscuit.data.pairs import Comparison
+    from fedbiscuit.rlhf.phase2 import choose_prompts
+
+    def pair(prompt):
+        return Comparison(prompt, "yes", "no", 1.0, "c", "test")
+
+    shared = [f"q{i}" for i in range(10)]  # in a client's training pairs and in the evaluation split
+    data = SimpleNamespace(
+        all_train=lambda: [pair(q) for q in shared],
+        all_test=lambda: {"c": [pair(q) for q in [*shared, "fresh"]]},
+    )
+    extra = {} if method == "selectors" else {"method": method, "judge": {"kind": "hf"}}
+    cfg = config_from_dict(rlhf_config(tmp_path, num_prompts=2, eval_prompts=20, **extra), "test")
+    train, evals, _ = choose_prompts(SimpleNamespace(cfg=cfg, data=data))
+    assert len(train) == 2 and not set(train) & set(evals)
+    # the selectors path's policy saw only its 2 prompts; a baseline's policy trained on every client pair
+    assert sorted(evals) == (
+        sorted(set(shared) - set(train) | {"fresh"}) if method == "selectors" else ["fresh"]
+    )
+
+
 def test_policy_clients_send_only_adapter_tensors_and_numbers(tmp_path):
     from fedbiscuit.config import LoraSettings
     from fedbiscuit.data import prepare_data

@@ -114,7 +114,9 @@ def choose_prompts(ws: Workspace) -> tuple[list[str], list[str], list[str]]:
     evaluation split and never among the training prompts."""
     rl = ws.cfg.rlhf
     train = sorted({p.prompt for p in ws.data.all_train()}, key=prompt_hash)[: rl.num_prompts]
-    seen = set(train)
+    # never a prompt the policy trained on: the selectors path trains on `train`, a baseline on every training
+    # pair its clients hold
+    seen = set(train) if rl.method == "selectors" else {p.prompt for p in ws.data.all_train()}
     preferred: dict[str, str] = {}
     for pairs in ws.data.all_test().values():
         for p in pairs:
