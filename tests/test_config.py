@@ -263,6 +263,7 @@ def _judged_by(kind: str) -> dict:
         ),
         (FROM_RUN, "train.lr=0.01", r"train.lr is set, but rlhf.selectors_from=runs/x"),
         (FROM_RUN, "eval.before_training=false", r"eval.before_training is set, but rlhf.selectors_from"),
+        (FEDDPO, "eval.heldout_every=5", r"eval.heldout_every is set, but rlhf.method=feddpo"),
         (FEDSFT, "train.batch_size=2", r"train.batch_size is set, but rlhf.method=fedsft trains no selector"),
         (
             FEDDPO,
@@ -406,6 +407,26 @@ def test_one_order_is_refused_where_a_federated_run_starts_not_where_it_is_read(
         run(cfg, quiet=True)
     with pytest.raises(ConfigError, match=r"eval.swap_average=false: federated and phase-1"):
         check_flower_config(cfg)
+
+
+@pytest.mark.parametrize("base", [FROM_RUN, FEDDPO], ids=["selectors_from", "feddpo"])
+def test_min_client_pairs_is_refused_where_a_phase2_run_without_selectors_starts(tmp_path, base):
+    """eval.min_client_pairs: a phase-2 run that trains no selector computes no per-client agreement, but
+    `fedbiscuit eval` reads it for any config, so the runner refuses it, not the config."""
+    from fedbiscuit.runner import run
+
+    path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, **base})
+    cfg = load_config(path, ["eval.min_client_pairs=10"])  # loads: an evaluation may read it
+    assert cfg.eval.min_client_pairs == 10
+    with pytest.raises(ConfigError, match=r"eval.min_client_pairs=10: this phase-2 run \(rlhf\."):
+        run(cfg, quiet=True)
+    # phase 2 that trains its selectors first reads it (phase 1's evaluation)
+    phase1 = _write(
+        tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}}
+    )
+    from fedbiscuit.config import check_phase2_reads_no_agreement
+
+    check_phase2_reads_no_agreement(load_config(phase1, ["eval.min_client_pairs=10"]))
 
 
 def test_unseen_clients_of_the_oracle_and_local_baselines_read_grouping_pairs(tmp_path):

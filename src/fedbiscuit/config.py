@@ -808,7 +808,9 @@ class RunConfig(_Section):
             )
             unread = [f"federated.{k}" for k in _changed(self.federated, ["eval_every", "personalize_steps"])]
         unread += [f"train.{k}" for k in _changed(self.train)]
-        unread += [f"eval.{k}" for k in _changed(self.eval, ["before_training"])]
+        # eval.batch_size is read (the labelling selectors and a selector judge score in its batches);
+        # swap_average and min_client_pairs are refused where the run starts (check_phase2_reads_no_agreement)
+        unread += [f"eval.{k}" for k in _changed(self.eval, ["before_training", "heldout_every"])]
         if unread:
             raise ValueError(f"{unread[0]} is set, but {why}: remove it")
         return self
@@ -902,6 +904,25 @@ def check_one_order_is_centralized(cfg: RunConfig) -> None:
         raise ConfigError(
             "eval.swap_average=false: federated and phase-1 evaluation always score both orders and report each "
             "order beside their mean (A|B, B|A); only pipeline=centralized (and `fedbiscuit eval`) score one order"
+        )
+
+
+def check_phase2_reads_no_agreement(cfg: RunConfig) -> None:
+    """eval.min_client_pairs in a phase-2 run that trains no selector (rlhf.selectors_from, or a baseline): no
+    agreement is computed there, so it would be ignored. ``fedbiscuit eval`` reads it for any config, so this is
+    checked where a run starts, not when a config loads (as check_one_order_is_centralized)."""
+    rl = cfg.rlhf
+    if cfg.pipeline != "rlhf" or (rl.method == "selectors" and not rl.selectors_from):
+        return
+    if _changed(cfg.eval, ["min_client_pairs"]):
+        why = (
+            f"rlhf.selectors_from={rl.selectors_from}"
+            if rl.method == "selectors"
+            else f"rlhf.method={rl.method}"
+        )
+        raise ConfigError(
+            f"eval.min_client_pairs={cfg.eval.min_client_pairs}: this phase-2 run ({why}) trains and evaluates no "
+            "selector, so no per-client agreement is computed: remove it (`fedbiscuit eval` reads it)"
         )
 
 

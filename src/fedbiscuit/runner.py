@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from . import distributed
-from .config import RunConfig, check_one_order_is_centralized
+from .config import RunConfig, check_one_order_is_centralized, check_phase2_reads_no_agreement
 from .pipeline import run_centralized, run_federated
 from .rlhf.phase2 import run_rlhf
 
@@ -33,6 +33,7 @@ def run(cfg: RunConfig, quiet: bool = False, resume: bool = False, overwrite: bo
             cfg = cfg.model_copy(update={"output_dir": tempfile.mkdtemp(prefix="fedbiscuit-rank-")})
             quiet, overwrite = True, True
     check_one_order_is_centralized(cfg)
+    check_phase2_reads_no_agreement(cfg)
     if cfg.pipeline == "centralized":
         if resume:
             raise ValueError("--resume applies to federated runs (pipeline: federated)")
