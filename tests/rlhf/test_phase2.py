@@ -8,6 +8,7 @@ import yaml
 
 from fedbiscuit.config import ConfigError, config_from_dict
 from fedbiscuit.data.synthetic import planted_run_config
+from fedbiscuit.federated.checkpoint import list_checkpoints, load_checkpoint
 from fedbiscuit.models.adapters import read_adapter
 from fedbiscuit.runner import run
 from fedbiscuit.runs import read_records
@@ -183,9 +184,10 @@ def test_selectors_from_a_finished_centralized_run(tmp_path):
     assert all(torch.equal(loaded["selector"][k], v) for k, v in trained.items())
 
 
-@pytest.mark.parametrize("method", ["feddpo", "fedsft"])
-def test_baselines_train_the_policy_through_the_engine(tmp_path, method):
+@pytest.mark.parametrize("method,reset", [("feddpo", True), ("feddpo", False), ("fedsft", True)])
+def test_baselines_train_the_policy_through_the_engine(tmp_path, monkeypatch, method, reset):
     raw = rlhf_config(tmp_path, algorithm="fedbis", method=method, judge={"kind": "hf"})
+    raw["federated"].update(checkpoint_every=2, reset_optimizer=reset)
     out = run(config_from_dict(raw, "test"), quiet=True)
     rounds = events(out, "round")
     assert len(rounds) == 4 and all(len(r["clients"]) == 2 for r in rounds)
@@ -194,9 +196,31 @@ def test_baselines_train_the_policy_through_the_engine(tmp_path, method):
     assert out["judge"] == "the untuned base model" and "best_of_n" not in out
     state, _ = read_adapter(out["policy_checkpoint"])
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
-    # a baseline checkpoints nothing it reads back: resumed, it trains again, and its summary counts one attempt
+    # resumed from its round-2 checkpoint (as if stopped after it): rounds 2 and 3 are redone once, and the
+    # policy ends bit for bit where the uninterrupted run's did (the clients' kept AdamW states included)
+    checkpoints = list_checkpoints(Path(out["run_dir"]) / "checkpoints")
+    assert [load_checkpoint(c).round for c in checkpoints] == [2, 4]
+    assert bool(load_checkpoint(checkpoints[-1]).optimizer_states) is (not reset)
+    checkpoints[-1].unlink()
+    checkpoints[-1].with_suffix(".optim.pt").unlink(missing_ok=True)
+    from fedbiscuit.rlhf.baselines import PolicyClient
+
+    trained = []  # the client of each local training the resumed run does
+    original = PolicyClient.train
+
+    def counted(self, *args, **kwargs):
+        trained.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyClient, "train", counted)
     again = run(config_from_dict(raw, "test"), quiet=True, resume=True)
-    assert len(events(again, "round")) == 4 and again["dpo"]["loss"] == pytest.approx(out["dpo"]["loss"])
+    assert len(trained) == 2 * 2  # rounds 2 and 3, 2 clients each: rounds 0 and 1 are not trained again
+    assert [r["round"] for r in events(again, "round")] == [0, 1, 2, 3]
+    assert [w["label"] for w in events(again, "winrate")] == ["initial policy", "tuned policy"]
+    assert len(events(again, "phase2_done")) == 1
+    assert again["dpo"]["loss"] == out["dpo"]["loss"]
+    resumed, _ = read_adapter(again["policy_checkpoint"])
+    assert resumed.keys() == state.keys() and all(torch.equal(resumed[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("method", ["selectors", "feddpo"])

@@ -262,9 +262,14 @@ class Phase2:
         selectors = None
         phase1 = rl.method == "selectors" and not rl.selectors_from
         if resume and not phase1:
-            # nothing of phase 2 is checkpointed: a resumed run redoes it whole (its generations come back from
-            # the cache), so the earlier attempt's records go, or a baseline would average two attempts' rounds
-            self.rundir.truncate_metrics(-1)
+            if rl.method != "selectors" and list_checkpoints(self.rundir.checkpoints):
+                # a baseline goes on from its last round checkpoint (_baseline drops the rounds after it);
+                # the phase-2 records around its rounds are redone
+                self.rundir.drop_events(PHASE2_EVENTS)
+            else:
+                # nothing of phase 2 is checkpointed: a resumed run redoes it whole (its generations come back
+                # from the cache), so the earlier attempt's records go
+                self.rundir.truncate_metrics(-1)
         if rl.method == "selectors":
             if rl.selectors_from:
                 selectors = load_selectors(rl.selectors_from)
@@ -337,7 +342,7 @@ class Phase2:
                     )
                 summary["labels"] = labels.summary()
         else:
-            result = self._baseline()
+            result = self._baseline(resume)
         summary["dpo"] = {
             "steps": result.steps,
             "loss": result.loss,
@@ -397,8 +402,10 @@ class Phase2:
         self._timed("dpo", t)
         return result
 
-    def _baseline(self):
-        """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine)."""
+    def _baseline(self, resume: bool = False):
+        """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine). Resumed,
+        it goes on from its last round checkpoint (policy adapter and, with federated.reset_optimizer=false, the
+        clients' optimizer states) and ends with the adapter an uninterrupted run ends with."""
         from ..federated.algorithm import Algorithm
         from ..federated.checkpoint import ServerState
         from ..federated.local_engine import LocalTransport
@@ -418,7 +425,14 @@ class Phase2:
         transport = LocalTransport(run_cfg, ws.model, clients, ws.quiet)
         engine = RoundLoop(run_cfg, algorithm, self.rundir, transport, None, ws.quiet)
         t = time.perf_counter()
-        state = engine.run_rounds(ServerState(0, {"selector-0": adapter_state(ws.model, POLICY)}))
+        state = ServerState(0, {"selector-0": adapter_state(ws.model, POLICY)})
+        checkpoints = list_checkpoints(self.rundir.checkpoints) if resume else []
+        if checkpoints:
+            state = load_checkpoint(checkpoints[-1])
+            self.rundir.truncate_metrics(state.round)  # the rounds the checkpoint had not seen are redone
+            for c in clients:
+                c.optimizer_state = state.optimizer_states.get(c.name)
+        state = engine.run_rounds(state)
         load_adapter_state(ws.model, POLICY, state.selectors["selector-0"], where="federated policy")
         self._timed("dpo", t)
         rounds = [r for r in self.rundir.records() if r["event"] == "round"]
