@@ -413,6 +413,7 @@ def test_one_order_is_refused_where_a_federated_run_starts_not_where_it_is_read(
 def test_min_client_pairs_is_refused_where_a_phase2_run_without_selectors_starts(tmp_path, base):
     """eval.min_client_pairs: a phase-2 run that trains no selector computes no per-client agreement, but
     `fedbiscuit eval` reads it for any config, so the runner refuses it, not the config."""
+    from fedbiscuit.config import check_phase2_reads_no_agreement
     from fedbiscuit.runner import run
 
     path = _write(tmp_path, {"data": {"source": "hh_rlhf"}, **base})
@@ -424,8 +425,6 @@ def test_min_client_pairs_is_refused_where_a_phase2_run_without_selectors_starts
     phase1 = _write(
         tmp_path, {"data": {"source": "hh_rlhf"}, "pipeline": "rlhf", "rlhf": {"judge": {"kind": "hf"}}}
     )
-    from fedbiscuit.config import check_phase2_reads_no_agreement
-
     check_phase2_reads_no_agreement(load_config(phase1, ["eval.min_client_pairs=10"]))
 
 

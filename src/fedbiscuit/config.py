@@ -602,6 +602,12 @@ class RLHFConfig(_Section):
     # evaluation prompts and two judgings of them.
     curve_every: int = Field(default=0, ge=0)
 
+    @property
+    def trains_selectors(self) -> bool:
+        """Whether phase 1 runs first (method=selectors without selectors_from): otherwise phase 2 reads a
+        finished run's selectors or is a baseline, and phase 1's settings are unread."""
+        return self.method == "selectors" and not self.selectors_from
+
     @model_validator(mode="after")
     def _best_of_n_bracket(self) -> RLHFConfig:
         n = self.best_of_n
@@ -796,7 +802,7 @@ class RunConfig(_Section):
         # A finished run's selectors or a baseline leave phase 1's settings unread: setting one is an error here,
         # not a no-op. (The baselines do read the federated section: their policy adapter's rounds.)
         rl = self.rlhf
-        if self.pipeline != "rlhf" or (rl.method == "selectors" and not rl.selectors_from):
+        if self.pipeline != "rlhf" or rl.trains_selectors:
             return self
         if rl.method == "selectors":
             why = f"rlhf.selectors_from={rl.selectors_from} reads selectors already trained, so phase 1 does not run"
@@ -912,7 +918,7 @@ def check_phase2_reads_no_agreement(cfg: RunConfig) -> None:
     agreement is computed there, so it would be ignored. ``fedbiscuit eval`` reads it for any config, so this is
     checked where a run starts, not when a config loads (as check_one_order_is_centralized)."""
     rl = cfg.rlhf
-    if cfg.pipeline != "rlhf" or (rl.method == "selectors" and not rl.selectors_from):
+    if cfg.pipeline != "rlhf" or rl.trains_selectors:
         return
     if _changed(cfg.eval, ["min_client_pairs"]):
         why = (

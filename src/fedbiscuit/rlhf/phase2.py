@@ -260,16 +260,16 @@ class Phase2:
         summary: dict = {"run_dir": str(self.rundir.path), "method": rl.method}
         start = time.perf_counter()
         selectors = None
-        phase1 = rl.method == "selectors" and not rl.selectors_from
-        if resume and not phase1:
-            if rl.method != "selectors" and list_checkpoints(self.rundir.checkpoints):
-                # a baseline goes on from its last round checkpoint (_baseline drops the rounds after it);
-                # the phase-2 records around its rounds are redone
-                self.rundir.drop_events(PHASE2_EVENTS)
-            else:
-                # nothing of phase 2 is checkpointed: a resumed run redoes it whole (its generations come back
-                # from the cache), so the earlier attempt's records go
-                self.rundir.truncate_metrics(-1)
+        # a resumed baseline goes on from its last round checkpoint (_baseline drops the rounds after it)
+        baseline_checkpoint = None
+        if resume and rl.method != "selectors":
+            baseline_checkpoint = next(reversed(list_checkpoints(self.rundir.checkpoints)), None)
+        if baseline_checkpoint is not None:
+            self.rundir.drop_events(PHASE2_EVENTS)  # the phase-2 records around its rounds are redone
+        elif resume and not rl.trains_selectors:
+            # nothing of phase 2 is checkpointed: a resumed run redoes it whole (its generations come back from
+            # the cache), so the earlier attempt's records go
+            self.rundir.truncate_metrics(-1)
         if rl.method == "selectors":
             if rl.selectors_from:
                 selectors = load_selectors(rl.selectors_from)
@@ -342,7 +342,7 @@ class Phase2:
                     )
                 summary["labels"] = labels.summary()
         else:
-            result = self._baseline(resume)
+            result = self._baseline(baseline_checkpoint)
         summary["dpo"] = {
             "steps": result.steps,
             "loss": result.loss,
@@ -402,10 +402,11 @@ class Phase2:
         self._timed("dpo", t)
         return result
 
-    def _baseline(self, resume: bool = False):
-        """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine). Resumed,
-        it goes on from its last round checkpoint (policy adapter and, with federated.reset_optimizer=false, the
-        clients' optimizer states) and ends with the adapter an uninterrupted run ends with."""
+    def _baseline(self, checkpoint: Path | None = None):
+        """FedDPO / federated SFT of the policy adapter on the clients' own human pairs (local engine). From a
+        round ``checkpoint`` (a resumed run) it goes on with its policy adapter and, with
+        federated.reset_optimizer=false, the clients' optimizer states, and ends with the adapter an
+        uninterrupted run ends with."""
         from ..federated.algorithm import Algorithm
         from ..federated.checkpoint import ServerState
         from ..federated.local_engine import LocalTransport
@@ -426,9 +427,8 @@ class Phase2:
         engine = RoundLoop(run_cfg, algorithm, self.rundir, transport, None, ws.quiet)
         t = time.perf_counter()
         state = ServerState(0, {"selector-0": adapter_state(ws.model, POLICY)})
-        checkpoints = list_checkpoints(self.rundir.checkpoints) if resume else []
-        if checkpoints:
-            state = load_checkpoint(checkpoints[-1])
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint)
             self.rundir.truncate_metrics(state.round)  # the rounds the checkpoint had not seen are redone
             for c in clients:
                 c.optimizer_state = state.optimizer_states.get(c.name)
